@@ -1,0 +1,1 @@
+"""awqc: AWQ int4 compiler backend on Apache TVM."""

@@ -1,0 +1,1 @@
+"""Model import, calibration, pipeline and artifact writing (the compile side)."""

@@ -1,0 +1,1 @@
+"""Relax passes: AWQ scaling and clipping, int4 lowering."""

@@ -1,0 +1,1 @@
+"""Artifact runtime: TVM runtime + numpy + tokenizers only."""

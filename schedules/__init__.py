@@ -1,0 +1,1 @@
+"""Per-target TIR schedules for the kernels awqc emits."""
