@@ -1,0 +1,112 @@
+"""Compile an imported model for a target and write the artifact directory atomically."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from awqc.runtime.artifact import FORMAT, LIBRARY, MANIFEST, TOKENIZER_DIR, WEIGHTS, hash_tree
+
+from .llama import export_model
+from .model_import import ImportedModel
+from .pipeline import relax_pipeline
+from .targets import TargetSpec
+
+SUPPORTED_DTYPES = ("float32", "float16")
+
+
+class OutputExistsError(FileExistsError):
+    """The output path exists and --force was not given."""
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any work if `out` exists (without force) or its parent is not writable."""
+    if out.exists() and not force:
+        raise OutputExistsError(f"output path {out} already exists; choose another path or pass --force")
+    parent = out.resolve().parent
+    if not parent.is_dir() and not out.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+
+
+def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str) -> tuple[Any, list[str]]:
+    """tvm.compile the model for the target; the executable and its parameter order."""
+    mod, named_params = export_model(model.config, dtype, spec.target())
+    ex = tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
+    return ex, [name for name, _ in named_params]
+
+
+def tokenizer_info(model: ImportedModel) -> dict[str, Any]:
+    tok = model.tokenizer
+    eos = list(model.config.eos_token_ids)
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(int(tok.eos_token_id))
+    return {"eos_token_ids": eos, "bos_token_id": model.config.bos_token_id,
+            "bos_token": tok.bos_token or "", "eos_token": tok.eos_token or "",
+            "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None}
+
+
+def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, context_window: int,
+                   force: bool = False) -> Path:
+    """Compile and write the artifact to `out`; nothing is left at `out` if anything fails."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
+    check_output(out, force)
+    ex, param_names = compile_library(model, spec, dtype)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    try:
+        ex.export_library(str(tmp / LIBRARY), fcompile=spec.fcompile())
+        _save_weights(tmp / WEIGHTS, model.weights, param_names, dtype)
+        model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        manifest = {
+            "format": FORMAT,
+            "awqc_version": importlib.metadata.version("awqc"),
+            "tvm_version": tvm.__version__,
+            "target": {"name": spec.name, "tvm": spec.tvm_target, "arch": spec.arch},
+            "model": model.config.to_dict(),
+            "source": model.source,
+            "dtype": dtype,
+            "quantization": None,
+            "context_window": context_window,
+            "prefill_chunk": min(context_window, 512),
+            "params": param_names,
+            "tokenizer": tokenizer_info(model),
+            "files": hash_tree(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _make_readable(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_weights(path: Path, weights: dict[str, np.ndarray], names: list[str], dtype: str) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({n: np.ascontiguousarray(weights[n], dtype=dtype) for n in names}, str(path))
+
+
+def _make_readable(root: Path) -> None:
+    """mkdtemp and safetensors create owner-only modes; an artifact is meant to be shared."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() or p.suffix == ".so" else 0o644)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished tmp directory to out; an existing out (with --force) is swapped away first."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.rename(tmp, out)

@@ -1,0 +1,87 @@
+"""Short target names → a TVM target, the machine it runs on, and how to link its library."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from typing import Any, Callable
+
+import tvm
+
+
+class UnknownTargetError(ValueError):
+    """A target name awqc does not know."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    tvm_target: dict[str, Any]
+    arch: str  # platform.machine() of the device that runs the artifact
+    cross_compiler: str | None = None  # g++ driver that links the library; None: the host's
+
+    def target(self) -> tvm.target.Target:
+        return tvm.target.Target(self.tvm_target)
+
+    def fcompile(self) -> Callable | None:
+        if self.cross_compiler is None:
+            return None
+        return tvm.support.cc.cross_compiler(self.cross_compiler)
+
+
+def _cpu_flags() -> set[str]:
+    """The instruction-set flags the kernel reports. TVM's own detection reads the CPU model
+    (e.g. znver4) and assumes AVX-512 even where a hypervisor hides it, which dies with SIGILL."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _host_x86() -> dict[str, Any]:
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        mcpu = "x86-64-v4"
+    elif {"avx2", "fma", "f16c", "bmi2"} <= flags:
+        mcpu = "x86-64-v3"
+    else:
+        mcpu = "x86-64-v2"
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": os.cpu_count() or 1}
+
+
+def _host_aarch64() -> dict[str, Any]:
+    mattr = ["+neon"] + (["+dotprod"] if "asimddp" in _cpu_flags() else [])
+    return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr, "num-cores": os.cpu_count() or 1}
+
+
+def host_spec() -> TargetSpec:
+    arch = platform.machine()
+    if arch == "x86_64":
+        return TargetSpec("host", _host_x86(), arch)
+    if arch == "aarch64":
+        return TargetSpec("host", _host_aarch64(), arch)
+    raise UnknownTargetError(f"the host architecture {arch} is not supported; supported hosts: x86_64, aarch64")
+
+
+_FIXED: dict[str, TargetSpec] = {
+    "x86-avx2": TargetSpec(
+        "x86-avx2", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3", "num-cores": 4}, "x86_64"),
+    "arm-neon": TargetSpec(
+        "arm-neon", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4},
+        "aarch64", cross_compiler="aarch64-linux-gnu-g++"),
+}
+
+TARGET_NAMES = ("host", *_FIXED)
+
+
+def get_target(name: str) -> TargetSpec:
+    """The TargetSpec for a short name such as 'host' or 'arm-neon'."""
+    if name == "host":
+        return host_spec()
+    if name not in _FIXED:
+        raise UnknownTargetError(f"unknown target {name!r}; known targets: {', '.join(TARGET_NAMES)}")
+    return _FIXED[name]

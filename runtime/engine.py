@@ -1,0 +1,151 @@
+"""Load an awqc artifact and decode text: KV cache, chunked prefill, token-by-token decode.
+
+Imports only the TVM runtime, numpy and tokenizers (jinja2 for chat templates), so a device
+gets this package and an artifact and nothing of the compiler.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import tvm
+from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine
+
+from .artifact import LIBRARY, TOKENIZER_DIR, WEIGHTS, check_compatible, load_safetensors, read_manifest, verify_files
+from .sampling import Sampler, SamplingParams
+
+_PAGE_SIZE = 16
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the artifact's context window."""
+
+
+class Engine:
+    """One sequence of one artifact on one device."""
+
+    def __init__(self, artifact: str | Path, device: str = "cpu"):
+        root = Path(artifact)
+        self.manifest = read_manifest(root)
+        verify_files(root, self.manifest)
+        check_compatible(self.manifest, tvm.__version__)
+        self.device = tvm.device(device)
+        self.context_window = int(self.manifest["context_window"])
+        self.prefill_chunk = int(self.manifest["prefill_chunk"])
+        self.eos_token_ids = set(self.manifest["tokenizer"]["eos_token_ids"])
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), self.device)
+        weights = load_safetensors(root / WEIGHTS)
+        self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device) for n in self.manifest["params"]]
+        self.tokenizer = _load_tokenizer(root / TOKENIZER_DIR)
+        self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+        self._kv_remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+        self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self.kv = self.vm["create_tir_paged_kv_cache"](
+            ShapeTuple([1]), ShapeTuple([self.context_window]), ShapeTuple([self.prefill_chunk]),
+            ShapeTuple([_PAGE_SIZE]))
+        self._kv_add(self.kv, 0)
+        self.length = 0  # tokens in the cache
+
+    # -- text --------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_chat(self, user_message: str) -> list[int]:
+        """The prompt for one user turn, rendered with the tokenizer's chat template."""
+        info = self.manifest["tokenizer"]
+        template = info["chat_template"]
+        if not template:
+            raise ValueError("this model's tokenizer has no chat template; run without --chat")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
+            bos_token=info["bos_token"], eos_token=info["eos_token"])
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- model steps ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the cached sequence."""
+        self._kv_remove(self.kv, 0)
+        self._kv_add(self.kv, 0)
+        self.length = 0
+
+    def _step(self, fn: str, ids: list[int]) -> np.ndarray:
+        if self.length + len(ids) > self.context_window:
+            raise PromptTooLongError(
+                f"{self.length + len(ids)} tokens do not fit the context window of {self.context_window}; "
+                "shorten the prompt or recompile with a larger --context-window")
+        self._kv_begin(self.kv, ShapeTuple([0]), ShapeTuple([len(ids)]))
+        data = tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.device)
+        logits, self.kv = self.vm[fn](data, self.kv, self.params)
+        self._kv_end(self.kv)
+        self.length += len(ids)
+        return logits.numpy()[0]
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Append the tokens (in chunks); logits of the last one, shape [vocab]."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        self._check_fits(len(ids))
+        for start in range(0, len(ids), self.prefill_chunk):
+            logits = self._step("prefill", ids[start:start + self.prefill_chunk])
+        return logits[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token; its logits, shape [vocab]."""
+        return self._step("decode", [token])[-1]
+
+    def score(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids` from an empty cache, shape [len(ids), vocab]."""
+        self.reset()
+        self._check_fits(len(ids))
+        out = [self._step("score", ids[s:s + self.prefill_chunk]) for s in range(0, len(ids), self.prefill_chunk)]
+        return np.concatenate(out, axis=0)
+
+    def _check_fits(self, n: int) -> None:
+        if self.length + n > self.context_window:
+            raise PromptTooLongError(
+                f"the prompt has {n} tokens but the context window is {self.context_window} "
+                f"({self.length} already used); shorten it or recompile with a larger --context-window")
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams()) -> Iterator[int]:
+        """Yield new tokens until EOS, max_new_tokens, or the context window is full."""
+        self.reset()
+        sampler = Sampler(sampling)
+        logits = self.prefill(prompt_ids)
+        for _ in range(max_new_tokens):
+            token = sampler(logits)
+            if token in self.eos_token_ids:
+                return
+            yield token
+            if self.length >= self.context_window:
+                return
+            logits = self.decode(token)
+
+    def stream_text(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
+                    write: Callable[[str], object]) -> list[int]:
+        """Generate and write text as it forms (whole characters only); the new token ids."""
+        out: list[int] = []
+        shown = ""
+        for token in self.generate(prompt_ids, max_new_tokens, sampling):
+            out.append(token)
+            text = self.decode_text(out)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                write(text[len(shown):])
+                shown = text
+        return out
+
+
+def _load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
