@@ -27,7 +27,8 @@ class ModelConfig:
     rope_scaling: dict[str, Any]
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # q/k/v projections
+    o_proj_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     model_type: str = "llama"
@@ -115,8 +116,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama declares them with attention_bias.
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            # Qwen2 always has q/k/v biases and none on o_proj; Llama's attention_bias covers all four.
+            attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_proj_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             model_type=model_type,

@@ -21,7 +21,8 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str):
         self.cfg = cfg
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.qkv_dim, bias=cfg.attention_bias, dtype=dtype)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias,
+                                dtype=dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         c = self.cfg

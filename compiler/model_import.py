@@ -130,6 +130,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.attention_bias:
             shapes[f"{p}.self_attn.qkv_proj.bias"] = (cfg.qkv_dim,)
         shapes[f"{p}.self_attn.o_proj.weight"] = (h, cfg.num_attention_heads * cfg.head_dim)
+        if cfg.o_proj_bias:
+            shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
         shapes[f"{p}.mlp.gate_up_proj.weight"] = (2 * i, h)
         shapes[f"{p}.mlp.down_proj.weight"] = (h, i)
     return shapes

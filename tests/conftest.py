@@ -1,0 +1,93 @@
+"""Tiny random Llama-family checkpoints built in code, for fast tests of every module."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEXT = ["the quick brown fox jumps over the lazy dog", "compilers turn programs into machine code",
+        "a haiku has three lines of five seven and five syllables", "tensors flow through kernels"]
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+            eos_token_id=2, tie_word_embeddings=True)
+
+
+def make_tokenizer(out: Path) -> None:
+    """A byte-level BPE tokenizer trained on a few lines, saved the way transformers saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+
+
+def make_checkpoint(out: Path, seed: int = 0, model_type: str = "llama", **overrides: Any) -> Path:
+    """A random Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**TINY, **overrides}
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # transformers zero-initialises biases and norms; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(str(out))
+    make_tokenizer(out)
+    return out
+
+
+def hf_logits(ckpt: Path, ids: list[int], n_decode: int) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+    """Reference from transformers: logits of every prompt position, then greedy decode steps
+    with the KV cache (their logits and tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        prompt_logits = out.logits[0].numpy()
+        cache, tokens, steps = out.past_key_values, [int(prompt_logits[-1].argmax())], []
+        for _ in range(n_decode):
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[0, -1].numpy())
+            tokens.append(int(steps[-1].argmax()))
+    return prompt_logits, steps, tokens
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
+    from awqc.compiler.build import write_artifact
+    from awqc.compiler.model_import import load_model
+    from awqc.compiler.targets import get_target
+
+    out = tmp_path_factory.mktemp("art") / "tiny-f32"
+    return write_artifact(out, load_model(str(tiny_ckpt)), get_target("host"), "float32", context_window=128)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
