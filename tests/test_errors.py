@@ -1,0 +1,136 @@
+"""Bad input gets an error that names the problem, and nothing is written to the output path."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from awqc.compiler.cli import main
+from awqc.runtime.artifact import ArtifactError
+from awqc.runtime.engine import Engine, PromptTooLongError
+
+
+def compile_cli(model: str, out: Path, *extra: str) -> int:
+    return main(["compile", "--model", model, "--target", "host", "-o", str(out), *extra])
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temporary left behind"
+
+
+def test_missing_model_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert compile_cli(str(tmp_path / "nope"), out) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert_nothing_written(out)
+
+
+def test_unsupported_architecture(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_ckpt: Path) -> None:
+    ckpt = tmp_path / "gpt2"
+    shutil.copytree(tiny_ckpt, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert compile_cli(str(ckpt), out) == 2
+    err = capsys.readouterr().err
+    assert "GPT2LMHeadModel is not supported" in err and "LlamaForCausalLM" in err
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_ckpt: Path, damage: str) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64 + data[64:])
+    out = tmp_path / "out"
+    assert compile_cli(str(ckpt), out) == 2
+    assert "model.safetensors is corrupt or truncated" in capsys.readouterr().err
+    assert_nothing_written(out)
+
+
+def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_ckpt: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["compile", "--model", str(tiny_ckpt), "--target", "riscv-magic", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'riscv-magic'" in err and "arm-neon" in err
+    assert_nothing_written(out)
+
+
+def test_output_exists_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_ckpt: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert compile_cli(str(tiny_ckpt), out) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "user data"
+    assert compile_cli(str(tiny_ckpt), out, "--force", "--context-window", "64") == 0
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_failed_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import awqc.compiler.build as build
+
+    def broken(*_args, **_kwargs):
+        raise KeyboardInterrupt  # an interrupt in the middle of writing files
+
+    monkeypatch.setattr(build, "_save_weights", broken)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        compile_cli(str(tiny_ckpt), out)
+    assert_nothing_written(out)
+
+
+def test_prompt_longer_than_context(tiny_artifact: Path) -> None:
+    engine = Engine(tiny_artifact)
+    with pytest.raises(PromptTooLongError, match="context window is 128"):
+        engine.prefill([5] * 129)
+    assert engine.length == 0  # nothing half-prefilled
+
+
+def test_cli_run_prompt_too_long(tiny_artifact: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(tiny_artifact), "--prompt", "fox " * 200]) == 2
+    assert "context window" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["tamper-weights", "tamper-library", "missing-tokenizer", "missing-manifest",
+                                    "extra-file"])
+def test_damaged_artifact(tmp_path: Path, tiny_artifact: Path, damage: str) -> None:
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    if damage == "tamper-weights":
+        with open(art / "weights.safetensors", "r+b") as f:
+            f.seek(-4, 2)
+            f.write(b"\x00\x00\x80\x7f")
+        match = "weights.safetensors does not match its sha256"
+    elif damage == "tamper-library":
+        with open(art / "lib.so", "ab") as f:
+            f.write(b"\x00")
+        match = "lib.so does not match its sha256"
+    elif damage == "missing-tokenizer":
+        (art / "tokenizer" / "tokenizer.json").unlink()
+        match = "tokenizer/tokenizer.json is missing"
+    elif damage == "missing-manifest":
+        (art / "manifest.json").unlink()
+        match = "manifest.json is missing"
+    else:
+        (art / "evil.so").write_bytes(b"\x7fELF")
+        match = "does not list: evil.so"
+    with pytest.raises(ArtifactError, match=match):
+        Engine(art)
+
+
+def test_artifact_for_other_arch(tmp_path: Path, tiny_artifact: Path) -> None:
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["target"].update(arch="aarch64", name="arm-neon")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="built for aarch64"):
+        Engine(art)
