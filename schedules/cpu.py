@@ -249,31 +249,56 @@ def schedule_nt_gemv(sch: s_tir.Schedule, m: NTMatmulMatch, lanes: int, max_chai
 
 
 def schedule_nt_gemm(sch: s_tir.Schedule, m: NTMatmulMatch, lanes: int, mr: int = 4, nr: int = 3) -> None:
-    """Prefill GEMM: C[m, n] = sum_k A[m, k] * W[n, k] with a dynamic number of rows m.
+    """Prefill GEMM: C[m, n] = sum_k A[m, k] * W[n, k] with a (usually dynamic) number of rows m.
 
     Dot-product micro-kernel: an (mr x nr) tile of outputs keeps mr*nr vector accumulators
-    (12 of the 16 AVX2 registers for 4x3) while streaming the mr rows of A and nr rows of W
-    along K: mr+nr loads per mr*nr FMAs, so it is FMA bound, and no packing of W is needed.
-    Loop order: parallel over blocks of nr weight rows (the W block stays in L1), then over
-    the tiles of A rows (A, M*K*4 bytes, stays in L2), then K. The horizontal lane sums and
-    the epilogue are done per tile. Tails of M (dynamic) and N are predicated.
+    while streaming the mr rows of A and the nr rows of W along K (both contiguous in K, so W
+    needs no packing): mr+nr loads per mr*nr FMAs. Loop order: parallel over blocks of nr
+    weight rows (that W block stays in L1), then over the tiles of A rows (A, M*K*4 bytes,
+    stays in L2), then K; the horizontal lane sums and the epilogue run per tile.
+
+    Row tail: the rows are padded to a multiple of mr with `pad_einsum` (a zero-padded copy of
+    A and a padded output, both O(M*(K+N)), cheap next to the O(M*N*K) matmul). A predicate
+    on the dynamic row count instead would make the accumulator tile's size symbolic, and then
+    TVM keeps it in a heap workspace with gathers/scatters: ~10x slower. N needs no padding:
+    nr is picked to divide N (falling back to 2 or 1).
     """
-    sch.reorder(*m.lead_loops, m.n_loop, m.k_loop)
-    mm = sch.fuse(*m.lead_loops) if len(m.lead_loops) > 1 else m.lead_loops[0]
     if m.k_extent % lanes != 0:
-        lanes = 1  # predicated K tail would scalarize anyway; keep the loop nest simple
-    _ko, kl = sch.split(m.k_loop, [None, lanes])
-    rf = sch.rfactor(kl, 0)  # acc[lanes, m, n] (sum over ko)
+        lanes = 1  # a predicated K tail would scalarize anyway; keep the loop nest simple
+    nr = next(c for c in (nr, 4, 2, 1) if m.n_extent % c == 0)
+    tail = list(m.epilogues)
+    if m.m_extent is None or m.m_extent % mr != 0:
+        n_lead = len(m.lead_loops)
+        # pad the innermost leading axis (the sequence); the others are 1 after FuseTIR
+        sch.pad_einsum(m.block, [1] * (n_lead - 1) + [mr, 1, 1])
+        copy_out = sch.get_consumers(m.block)[0]  # NT[...] = NT_pad[...]
+        producers = sch.get_producers(m.block)
+        if tail:
+            try:
+                sch.compute_inline(copy_out)  # epilogue reads the padded result directly
+            except s_tir.ScheduleError:
+                tail.insert(0, copy_out)
+        else:
+            tail.insert(0, copy_out)
+        for pad_in in producers:  # zero-padded A copy: once per call, rows in parallel
+            sch.parallel(sch.fuse(*sch.get_loops(pad_in)[:-1]))
+            sch.vectorize(sch.get_loops(pad_in)[-1]) if m.k_extent % lanes == 0 else None
+
+    lead = sch.get_loops(m.block)[:-2]
+    n_loop, k_loop = sch.get_loops(m.block)[-2:]
+    mm = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    _ko, kl = sch.split(k_loop, [None, lanes])
+    # lanes as the innermost axis of the accumulator (acc[m, n, lanes]), so the vector
+    # accumulators are contiguous; with lanes outermost every FMA would need a gather+scatter
+    rf = sch.rfactor(kl, len(lead) + 1)
     m_rf, n_rf, ko, kl = sch.get_loops(rf)
-    if m.n_extent % nr != 0:  # prefer a tile width that divides N to avoid the N predicate
-        nr = next((c for c in (nr, 4, 2) if m.n_extent % c == 0), nr)
     mo, mi = sch.split(m_rf, [None, mr])
     no, ni = sch.split(n_rf, [None, nr])
     sch.reorder(no, mo, ko, mi, ni, kl)
     sch.parallel(no)
     sch.reverse_compute_at(m.block, mo)
-    for ep in m.epilogues:
-        sch.reverse_compute_at(ep, mo)
+    for blk in tail:
+        sch.reverse_compute_at(blk, mo)
     if lanes > 1:
         sch.vectorize(kl)
     sch.unroll(mi)
