@@ -1,0 +1,99 @@
+"""Group-wise integer weight quantization: one scheme dataclass, quantize/dequantize written once.
+
+Both asymmetric and symmetric schemes store q in [0, 2^bits) with a per-group scale and zero
+point, so every kernel dequantizes the same way: w = (q - zero) * scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+GROUP_SIZES = (128, 64, 32)
+
+
+class QuantizationError(ValueError):
+    """A layer or setting the quantizer cannot handle; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits != 4:
+            raise QuantizationError(f"{self.bits}-bit weights are not supported; awqc packs 4-bit weights")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantizationError(
+                f"group size {self.group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}")
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def name(self) -> str:
+        return f"w{self.bits}g{self.group_size}" + ("-sym" if self.symmetric else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantScheme":
+        """'w4g64', 'w4g128-sym', ..."""
+        m = re.fullmatch(r"w(\d+)g(\d+)(-sym)?", text)
+        if not m:
+            raise QuantizationError(f"cannot parse quantization {text!r}; expected e.g. w4g64 or w4g128-sym")
+        return cls(int(m.group(1)), int(m.group(2)), bool(m.group(3)))
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """A group must not straddle rows: the input dimension must be a multiple of the group size."""
+        if in_features % self.group_size:
+            fits = [g for g in GROUP_SIZES if in_features % g == 0]
+            hint = f"group sizes that divide it: {', '.join(map(str, fits))}" if fits else "no supported group size divides it"
+            raise QuantizationError(
+                f"layer {name} has {in_features} input features, not a multiple of group size "
+                f"{self.group_size}; {hint}")
+
+
+def group_params(w: torch.Tensor, scheme: QuantScheme,
+                 clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero point of w [N, K] as [N, K/G]; `clip` [N, K/G] shrinks each
+    group's range (AWQ clipping searches it)."""
+    n, k = w.shape
+    g = w.reshape(n, k // scheme.group_size, scheme.group_size)
+    if scheme.symmetric:
+        amax = g.abs().amax(-1)
+        if clip is not None:
+            amax = amax * clip
+        scale = (amax / (scheme.qmax // 2)).clamp(min=1e-8)
+        zero = torch.full_like(scale, (scheme.qmax + 1) // 2)
+    else:
+        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        if clip is not None:
+            lo, hi = lo * clip, hi * clip
+        scale = ((hi - lo) / scheme.qmax).clamp(min=1e-8)
+        zero = torch.round(-lo / scale).clamp(0, scheme.qmax)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scheme: QuantScheme,
+             clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] → (q uint8 [N, K] in [0, qmax], scale [N, K/G], zero [N, K/G])."""
+    n, k = w.shape
+    scale, zero = group_params(w, scheme, clip)
+    g = w.reshape(n, k // scheme.group_size, scheme.group_size)
+    q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, scheme.qmax)
+    return q.reshape(n, k).to(torch.uint8), scale, zero
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = q.shape
+    g = q.reshape(n, k // group_size, group_size).to(scale.dtype)
+    return ((g - zero[..., None]) * scale[..., None]).reshape(n, k)
+
+
+def fake_quantize(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize (the weights a quantized kernel effectively multiplies by)."""
+    q, scale, zero = quantize(w, scheme, clip)
+    return dequantize(q, scale, zero, scheme.group_size)
