@@ -97,3 +97,40 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | Non
     """Quantize then dequantize (the weights a quantized kernel effectively multiplies by)."""
     q, scale, zero = quantize(w, scheme, clip)
     return dequantize(q, scale, zero, scheme.group_size)
+
+
+@dataclasses.dataclass
+class QuantizedWeights:
+    """A model's weights after quantization: the linear weights as (q, scale, zero), and every other
+    parameter (norms AWQ rescaled, embeddings, biases) in float."""
+    scheme: QuantScheme
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # name -> (q uint8 [N,K], scale, zero)
+    floats: dict[str, torch.Tensor]
+
+    def dequantized(self) -> dict[str, torch.Tensor]:
+        """All parameters in float, quantized ones dequantized: the fake-quant reference weights."""
+        out = dict(self.floats)
+        for name, (q, scale, zero) in self.quantized.items():
+            out[name] = dequantize(q, scale, zero, self.scheme.group_size)
+        return out
+
+
+def is_quantized_linear(name: str, shape: tuple[int, ...], quantize_head: bool = False) -> bool:
+    """Which parameters are linear weights to quantize: 2-D weights of the decoder layers (and the
+    untied LM head if asked). The embedding stays float: it is a lookup, not a matmul."""
+    if len(shape) != 2 or not name.endswith(".weight") or name == "embed_tokens.weight":
+        return False
+    return quantize_head or name != "lm_head.weight"
+
+
+def rtn_quantize(weights: dict[str, torch.Tensor], scheme: QuantScheme,
+                 quantize_head: bool = False) -> QuantizedWeights:
+    """Round-to-nearest: every linear weight quantized as it is (the AWQ baseline)."""
+    quantized, floats = {}, {}
+    for name, w in weights.items():
+        if is_quantized_linear(name, tuple(w.shape), quantize_head):
+            scheme.check_layer(name, w.shape[1])
+            quantized[name] = quantize(w, scheme)
+        else:
+            floats[name] = w
+    return QuantizedWeights(scheme, quantized, floats)
