@@ -1,0 +1,127 @@
+"""Lowering: every linear whose weight is quantized becomes a call to a dequant-fused int4 kernel.
+
+The exported model takes its parameters as one packed tuple. A quantized weight W [N, K] is
+replaced in that tuple by three entries (W.qweight, W.scales, W.zeros), and each
+`matmul(x, permute_dims(W))` by `call_tir(w4_matmul, [x2d, qweight, scales, zeros])` — a GEMV
+when the rows are statically 1 (decode), a GEMM over dynamic rows otherwise (prefill).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from awqc.schedules.w4_kernels import w4_matmul
+
+QUANT_SUFFIXES = ("qweight", "scales", "zeros")
+
+
+def quantized_param_names(names: list[str], quantized: set[str]) -> list[str]:
+    """The parameter order after lowering: each quantized weight expands to its three parts."""
+    out: list[str] = []
+    for name in names:
+        out.extend([f"{name}.{s}" for s in QUANT_SUFFIXES] if name in quantized else [name])
+    return out
+
+
+def _quant_ty(ty: relax.TensorType, group: int) -> list[relax.TensorType]:
+    n, k = (int(d) for d in ty.shape.values)
+    return [relax.TensorType((n, k // 8), "uint32"),
+            relax.TensorType((n, k // group), ty.dtype),
+            relax.TensorType((n, k // group), ty.dtype)]
+
+
+@mutator
+class _LinearRewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, old_packed: relax.Var, new_packed: relax.Var,
+                 index_map: dict[int, list[int]], quantized_idx: set[int], group: int):
+        super().__init__(mod)
+        self.old_packed, self.new_packed = old_packed, new_packed
+        self.index_map, self.quantized_idx, self.group = index_map, quantized_idx, group
+        self.parts: dict[relax.Var, list[relax.Var]] = {}  # W var or permute_dims(W) var -> parts
+        self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        value = binding.value
+        if isinstance(value, relax.TupleGetItem) and value.tuple_value.same_as(self.old_packed):
+            self._rebind_param(binding.var, value.index)
+        elif _is_op(value, "permute_dims") and value.args[0] in self.parts:
+            self.parts[binding.var] = self.parts[value.args[0]]
+        elif _is_op(value, "matmul") and value.args[1] in self.parts:
+            self._emit_linear(binding.var, self.visit_expr(value.args[0]), self.parts[value.args[1]])
+        else:
+            super().visit_var_binding_(binding)
+
+    def _rebind_param(self, var: relax.Var, index: int) -> None:
+        if index in self.quantized_idx:
+            self.parts[var] = [self.builder_.emit(relax.TupleGetItem(self.new_packed, j), name_hint=f"{var.name}_{s}")
+                               for j, s in zip(self.index_map[index], QUANT_SUFFIXES)]
+        else:
+            (j,) = self.index_map[index]
+            self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(self.new_packed, j), name_hint=var.name))
+
+    def _emit_linear(self, var: relax.Var, x: relax.Expr, parts: list[relax.Var]) -> None:
+        bb = self.builder_
+        qweight, scales, _ = parts
+        n, k = int(qweight.ty.shape[0]), int(scales.ty.shape[1]) * self.group
+        lead = list(x.ty.shape.values[:-1])
+        rows = _product(lead)
+        static_rows = int(rows) if isinstance(rows, (int, tvm.tirx.IntImm)) else None
+        dtype = x.ty.dtype
+        key = (k, n, self.group, dtype, static_rows)
+        if key not in self.kernels:
+            kind = "gemv" if static_rows == 1 else "gemm"
+            self.kernels[key] = bb.add_func(w4_matmul(k, n, self.group, dtype, static_rows),
+                                            f"w4_{kind}_{k}x{n}_g{self.group}")
+        x2 = bb.emit(relax.op.reshape(x, [rows, k]))
+        y2 = bb.emit(relax.call_tir(self.kernels[key], [x2, *parts], relax.TensorType([rows, n], dtype)))
+        y = bb.emit(relax.op.reshape(y2, [*lead, n]), name_hint=var.name)
+        self.set_var_remap(var, y)
+
+
+def _product(dims: list) -> object:
+    """Product of shape dims, folding the static ones, so [1, seq_len] gives seq_len itself."""
+    static, symbolic = 1, None
+    for d in dims:
+        if isinstance(d, tvm.tirx.IntImm):
+            static *= int(d)
+        else:
+            symbolic = d if symbolic is None else symbolic * d
+    if symbolic is None:
+        return static
+    return symbolic if static == 1 else symbolic * static
+
+
+def _is_op(expr: relax.Expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == f"relax.{name}"
+
+
+def quantize_linear(mod: tvm.IRModule, param_names: list[str], quantized: set[str], group: int) -> tvm.IRModule:
+    """Rewrite every function that takes the packed parameters; `quantized` names the weights to
+    lower (each must be a linear weight [N, K] with K a multiple of `group`)."""
+    unknown = quantized - set(param_names)
+    if unknown:
+        raise ValueError(f"quantized weights not in the model: {', '.join(sorted(unknown))}")
+    quantized_idx = {i for i, n in enumerate(param_names) if n in quantized}
+    index_map, j = {}, 0
+    for i in range(len(param_names)):
+        width = 3 if i in quantized_idx else 1
+        index_map[i] = list(range(j, j + width))
+        j += width
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, relax.Function) or not func.params:
+            continue
+        old_packed = func.params[-1]
+        if old_packed.name != "packed_params":
+            continue
+        fields = []
+        for i, ty in enumerate(old_packed.ty.fields):
+            fields.extend(_quant_ty(ty, group) if i in quantized_idx else [ty])
+        new_packed = relax.Var("packed_params", relax.TupleType(fields))
+        rewriter = _LinearRewriter(mod, old_packed, new_packed, index_map, quantized_idx, group)
+        body = rewriter.visit_expr(func.body)
+        new_func = relax.Function([*func.params[:-1], new_packed], body, func.ret_ty, func.is_pure,
+                                  func.attrs)
+        mod = rewriter.builder_.get()
+        mod[gv] = new_func
+    return relax.transform.DeadCodeElimination()(mod)
