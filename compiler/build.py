@@ -12,7 +12,10 @@ from typing import Any
 import numpy as np
 import tvm
 
+from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
+from awqc.passes.quantizer import QuantizedWeights
 from awqc.runtime.artifact import FORMAT, LIBRARY, MANIFEST, TOKENIZER_DIR, WEIGHTS, hash_tree
+from awqc.schedules.w4_kernels import LAYOUT, pack_k8
 
 from .llama import export_model
 from .model_import import ImportedModel
@@ -35,11 +38,37 @@ def check_output(out: Path, force: bool) -> None:
         parent.mkdir(parents=True, exist_ok=True)
 
 
-def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str) -> tuple[Any, list[str]]:
-    """tvm.compile the model for the target; the executable and its parameter order."""
+def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str,
+                    quant: QuantizedWeights | None = None) -> tuple[Any, list[str]]:
+    """tvm.compile the model for the target (its quantized linears lowered to int4 kernels);
+    the executable and its parameter order."""
     mod, named_params = export_model(model.config, dtype, spec.target())
+    names = [name for name, _ in named_params]
+    if quant is not None:
+        mod = quantize_linear(mod, names, set(quant.quantized), quant.scheme.group_size)
+        names = quantized_param_names(names, set(quant.quantized))
     ex = tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
-    return ex, [name for name, _ in named_params]
+    return ex, names
+
+
+def artifact_tensors(model: ImportedModel, quant: QuantizedWeights | None) -> dict[str, np.ndarray]:
+    """The arrays the library takes, by parameter name: float weights, or packed int4 parts."""
+    if quant is None:
+        return model.weights
+    out = {name: w.numpy() for name, w in quant.floats.items()}
+    for name, (q, scale, zero) in quant.quantized.items():
+        out[f"{name}.qweight"] = pack_k8(q.numpy())
+        out[f"{name}.scales"] = scale.numpy()
+        out[f"{name}.zeros"] = zero.numpy()
+    return out
+
+
+def quantization_info(quant: QuantizedWeights | None, method: str | None) -> dict[str, Any] | None:
+    if quant is None:
+        return None
+    s = quant.scheme
+    return {"method": method, "scheme": s.name, "bits": s.bits, "group_size": s.group_size,
+            "symmetric": s.symmetric, "layout": LAYOUT, "quantized": sorted(quant.quantized)}
 
 
 def tokenizer_info(model: ImportedModel) -> dict[str, Any]:
@@ -53,16 +82,17 @@ def tokenizer_info(model: ImportedModel) -> dict[str, Any]:
 
 
 def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, context_window: int,
-                   force: bool = False) -> Path:
-    """Compile and write the artifact to `out`; nothing is left at `out` if anything fails."""
+                   force: bool = False, quant: QuantizedWeights | None = None, method: str | None = None) -> Path:
+    """Compile and write the artifact to `out`; nothing is left at `out` if anything fails.
+    With `quant`, its quantized linears run as int4 kernels (`method` is recorded, e.g. 'rtn')."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
     check_output(out, force)
-    ex, param_names = compile_library(model, spec, dtype)
+    ex, param_names = compile_library(model, spec, dtype, quant)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         ex.export_library(str(tmp / LIBRARY), fcompile=spec.fcompile())
-        _save_weights(tmp / WEIGHTS, model.weights, param_names, dtype)
+        _save_weights(tmp / WEIGHTS, artifact_tensors(model, quant), param_names, dtype)
         model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         manifest = {
             "format": FORMAT,
@@ -72,7 +102,7 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
             "model": model.config.to_dict(),
             "source": model.source,
             "dtype": dtype,
-            "quantization": None,
+            "quantization": quantization_info(quant, method),
             "context_window": context_window,
             "prefill_chunk": min(context_window, 512),
             "params": param_names,
@@ -91,7 +121,10 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
 def _save_weights(path: Path, weights: dict[str, np.ndarray], names: list[str], dtype: str) -> None:
     from safetensors.numpy import save_file
 
-    save_file({n: np.ascontiguousarray(weights[n], dtype=dtype) for n in names}, str(path))
+    def cast(a: np.ndarray) -> np.ndarray:  # packed int4 words keep their integer dtype
+        return np.ascontiguousarray(a, dtype=dtype if a.dtype.kind == "f" else a.dtype)
+
+    save_file({n: cast(weights[n]) for n in names}, str(path))
 
 
 def _make_readable(root: Path) -> None:

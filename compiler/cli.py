@@ -33,6 +33,10 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float dtype of weights and activations (default: float32)")
     p.add_argument("--context-window", type=int, default=None,
                    help="longest prompt + generation the artifact serves (default: the model's, at most 4096)")
+    p.add_argument("--quant", default="none",
+                   help="weight quantization: none (float), or METHOD-wBITSgGROUP[-sym] with METHOD rtn "
+                        "(round to nearest), e.g. rtn-w4g64; linears then run as int4 kernels")
+    p.add_argument("--quantize-head", action="store_true", help="also quantize an untied LM head")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.set_defaults(func=cmd_compile)
 
@@ -60,16 +64,43 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .model_import import load_model
     from .targets import get_target
 
-    spec = get_target(args.target)  # fail fast on a bad target or output path, before loading
+    spec = get_target(args.target)  # fail fast on bad arguments, before loading the model
+    method, scheme = parse_quant(args.quant)
     check_output(args.output, args.force)
     t0 = time.time()
     model = load_model(args.model)
     window = args.context_window or min(model.config.max_position_embeddings, 4096)
     if window < 1:
         raise ValueError(f"--context-window must be positive, got {window}")
-    write_artifact(args.output, model, spec, args.dtype, window, force=args.force)
+    quant = quantize_model(model, method, scheme, args.quantize_head) if scheme else None
+    write_artifact(args.output, model, spec, args.dtype, window, force=args.force, quant=quant, method=method)
     print(f"wrote {args.output} (target {spec.name}, {args.dtype}) in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+QUANT_METHODS = ("rtn",)
+
+
+def parse_quant(text: str):
+    """'none' → (None, None); 'rtn-w4g64' → ('rtn', QuantScheme(4, 64))."""
+    from awqc.passes.quantizer import QuantScheme
+
+    if text == "none":
+        return None, None
+    method, _, scheme = text.partition("-")
+    if method not in QUANT_METHODS:
+        raise ValueError(f"unknown quantization method {method!r} in --quant {text}; "
+                         f"known: {', '.join(QUANT_METHODS)} (e.g. rtn-w4g64) or none")
+    return method, QuantScheme.parse(scheme)
+
+
+def quantize_model(model, method: str, scheme, quantize_head: bool):
+    import torch
+
+    from awqc.passes.quantizer import rtn_quantize
+
+    weights = {name: torch.from_numpy(w) for name, w in model.weights.items()}
+    return rtn_quantize(weights, scheme, quantize_head)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

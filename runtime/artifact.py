@@ -15,6 +15,8 @@ MANIFEST = "manifest.json"
 LIBRARY = "lib.so"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# Packed int4 weight layouts this runtime's loader understands (see awqc/schedules/w4_kernels.py).
+KNOWN_LAYOUTS = ("k8",)
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "U32": np.uint32, "U8": np.uint8,
               "I8": np.int8, "I64": np.int64}
@@ -76,6 +78,11 @@ def check_compatible(manifest: dict[str, Any], tvm_version: str) -> None:
         raise ArtifactError(
             f"the artifact was built for {arch} (target {manifest['target']['name']}) but this machine is "
             f"{platform.machine()}; compile it for this machine with --target host")
+    quant = manifest.get("quantization")
+    if quant and quant["layout"] not in KNOWN_LAYOUTS:
+        raise ArtifactError(
+            f"the artifact's int4 weights use layout {quant['layout']!r}, which this runtime does not know "
+            f"(known: {', '.join(KNOWN_LAYOUTS)}); upgrade awqc or recompile the artifact")
     if manifest["tvm_version"] != tvm_version:
         raise ArtifactError(
             f"the artifact was built with TVM {manifest['tvm_version']} but this runtime has TVM {tvm_version}; "

@@ -192,6 +192,11 @@ def _f32_lanes(target: Target) -> int:
     return 4  # NEON / SSE: 128-bit
 
 
+def _vector_lanes(k: int, lanes: int) -> int:
+    """Full register width if it divides K, else the widest smaller width (>= 4) that does."""
+    return next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and k % w == 0), lanes)
+
+
 def _largest_divisor(total: int, candidates: tuple[int, ...]) -> int:
     return next((c for c in candidates if total % c == 0), candidates[-1])
 
@@ -206,13 +211,16 @@ def schedule_nt_gemv(sch: s_tir.Schedule, m: NTMatmulMatch, lanes: int, max_chai
         part[lanes] = sum_c acc[c, :]                                                (vector add)
         y[n] = sum_l part[l];  epilogue(n)
     `chains` independent accumulators hide the FMA latency; it is the largest power of two
-    <= max_chains with K % (chains * lanes) == 0. If K is not a multiple of `lanes` the K split
-    is predicated: still correct, but LLVM then gets scalar code.
+    <= max_chains with K % (chains * lanes) == 0. If K is not a multiple of the register width,
+    half-width vectors (4 lanes) are used when they divide K; otherwise the K split is
+    predicated: still correct, but LLVM then gets scalar code.
     """
     loops = [*m.lead_loops, m.n_loop]
     sch.reorder(*loops, m.k_loop)
-    n = sch.fuse(*loops) if len(loops) > 1 else m.n_loop
+    if len(loops) > 1:
+        sch.fuse(*loops)
 
+    lanes = _vector_lanes(m.k_extent, lanes)
     if m.k_extent % lanes == 0:
         chain_opts = tuple(c for c in (8, 4, 2, 1) if c <= max_chains)
         chains = _largest_divisor(m.k_extent // lanes, chain_opts)
@@ -263,30 +271,35 @@ def schedule_nt_gemm(sch: s_tir.Schedule, m: NTMatmulMatch, lanes: int, mr: int 
     TVM keeps it in a heap workspace with gathers/scatters: ~10x slower. N needs no padding:
     nr is picked to divide N (falling back to 2 or 1).
     """
+    lanes = _vector_lanes(m.k_extent, lanes)
     if m.k_extent % lanes != 0:
         lanes = 1  # a predicated K tail would scalarize anyway; keep the loop nest simple
     nr = next(c for c in (nr, 4, 2, 1) if m.n_extent % c == 0)
     tail = list(m.epilogues)
     if m.m_extent is None or m.m_extent % mr != 0:
-        n_lead = len(m.lead_loops)
-        # pad the innermost leading axis (the sequence); the others are 1 after FuseTIR
-        sch.pad_einsum(m.block, [1] * (n_lead - 1) + [mr, 1, 1])
+        # pad the innermost leading axis that is not a static 1 (the sequence axis)
+        extents = [sch.get(lp).extent for lp in m.lead_loops]
+        axis = max(i for i, e in enumerate(extents) if not (isinstance(e, tirx.IntImm) and int(e) == 1))
+        padding = [1] * (len(extents) + 2)
+        padding[axis] = mr
+        sch.pad_einsum(m.block, padding)
         copy_out = sch.get_consumers(m.block)[0]  # NT[...] = NT_pad[...]
-        producers = sch.get_producers(m.block)
-        if tail:
-            try:
-                sch.compute_inline(copy_out)  # epilogue reads the padded result directly
-            except s_tir.ScheduleError:
-                tail.insert(0, copy_out)
-        else:
-            tail.insert(0, copy_out)
-        for pad_in in producers:  # zero-padded A copy: once per call, rows in parallel
-            sch.parallel(sch.fuse(*sch.get_loops(pad_in)[:-1]))
-            sch.vectorize(sch.get_loops(pad_in)[-1]) if m.k_extent % lanes == 0 else None
+        producers = sch.get_producers(m.block)  # A_pad[...] = A[...] if in range else 0
+        try:
+            if not tail:
+                raise s_tir.ScheduleError("copy-out writes the function output")
+            sch.compute_inline(copy_out)  # the epilogue reads the padded result directly
+        except s_tir.ScheduleError:
+            tail.insert(0, copy_out)  # done per tile instead, right after the tile is computed
+        for pad_in in producers:  # the padded A copy: once per call, rows in parallel
+            pad_loops = sch.get_loops(pad_in)
+            sch.parallel(sch.fuse(*pad_loops[:-1]))
+            sch.vectorize(pad_loops[-1])
 
     lead = sch.get_loops(m.block)[:-2]
-    n_loop, k_loop = sch.get_loops(m.block)[-2:]
-    mm = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    k_loop = sch.get_loops(m.block)[-1]
+    if len(lead) > 1:
+        sch.fuse(*lead)
     _ko, kl = sch.split(k_loop, [None, lanes])
     # lanes as the innermost axis of the accumulator (acc[m, n, lanes]), so the vector
     # accumulators are contiguous; with lanes outermost every FMA would need a gather+scatter
@@ -321,6 +334,8 @@ class _NTMatmulRule(ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if not isinstance(func.body, s_tir.SBlockRealize):  # not block-based TIR (hand kernels)
             return None
         sch = s_tir.Schedule(func)
         m = match_nt_matmul(sch)

@@ -1,0 +1,117 @@
+"""Int4 lowering: packed weights, dequant-fused kernels, end to end against the fake-quant reference."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from awqc.compiler.build import write_artifact
+from awqc.compiler.cli import main, quantize_model
+from awqc.compiler.llama import export_model
+from awqc.compiler.model_import import load_model
+from awqc.compiler.pipeline import relax_pipeline
+from awqc.compiler.targets import get_target
+from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
+from awqc.passes.quantizer import QuantScheme
+from awqc.runtime.engine import Engine
+from awqc.schedules.w4_kernels import pack_k8, unpack_k8
+
+from conftest import make_checkpoint, rel_err
+
+
+def test_pack_k8_by_hand() -> None:
+    q = np.arange(16, dtype=np.uint8).reshape(1, 16) % 16
+    packed = pack_k8(q)
+    assert packed.tolist() == [[0x76543210, 0xFEDCBA98]]
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, size=(7, 64), dtype=np.uint8)
+    np.testing.assert_array_equal(unpack_k8(pack_k8(q)), q)
+
+
+@pytest.fixture(scope="module")
+def quantized_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An int4 artifact and a float artifact of the same weights, dequantized (fake-quant)."""
+    root = tmp_path_factory.mktemp("int4")
+    model = load_model(str(make_checkpoint(root / "ckpt", seed=3, intermediate_size=128)))
+    quant = quantize_model(model, "rtn", QuantScheme(group_size=32), quantize_head=False)
+    int4 = write_artifact(root / "int4", model, get_target("host"), "float32", 128, quant=quant, method="rtn")
+    fake = dataclasses.replace(model, weights={k: v.numpy() for k, v in quant.dequantized().items()})
+    ref = write_artifact(root / "fake", fake, get_target("host"), "float32", 128)
+    return int4, ref
+
+
+def test_int4_artifact_matches_fake_quant_reference(quantized_pair: tuple[Path, Path]) -> None:
+    int4, ref = (Engine(p) for p in quantized_pair)
+    ids = list(np.random.RandomState(4).randint(3, 300, size=50))
+    assert rel_err(int4.score(ids), ref.score(ids)) < 1e-5
+    assert list(int4.generate(ids, 8)) == list(ref.generate(ids, 8))
+    int4.reset(), ref.reset()
+    a, b = int4.prefill(ids), ref.prefill(ids)
+    for _ in range(4):
+        token = int(b.argmax())
+        a, b = int4.decode(token), ref.decode(token)
+        assert rel_err(a, b) < 1e-5
+
+
+def test_manifest_names_the_layout(quantized_pair: tuple[Path, Path]) -> None:
+    info = Engine(quantized_pair[0]).manifest["quantization"]
+    assert info["layout"] == "k8" and info["scheme"] == "w4g32" and info["method"] == "rtn"
+    assert "layers.0.mlp.down_proj.weight" in info["quantized"]
+    assert "embed_tokens.weight" not in info["quantized"]
+
+
+def test_no_float_weight_matrix_materialized(tiny_ckpt: Path) -> None:
+    model = load_model(str(tiny_ckpt))
+    quant = quantize_model(model, "rtn", QuantScheme(group_size=32), quantize_head=False)
+    spec = get_target("host")
+    mod, named = export_model(model.config, "float32", spec.target())
+    names = [n for n, _ in named]
+    mod = quantize_linear(mod, names, set(quant.quantized), 32)
+    lowered = relax_pipeline(spec)(mod)
+    text = lowered.script()
+    weight_shapes = {tuple(model.weights[n].shape) for n in quant.quantized}
+    weight_sizes = {a * b for a, b in weight_shapes}
+    # No Relax tensor of a weight's [N, K] float shape, and no TIR buffer of that many floats.
+    for n, k in weight_shapes:
+        assert not re.search(rf"R\.Tensor\(\({n}, {k}\), dtype=\"float", text), (n, k)
+    static_allocs = re.findall(r"alloc_buffer\(\(([\d, ]+)\)", text)
+    assert static_allocs  # the check below must have something to look at
+    for shape in static_allocs:
+        assert np.prod([int(d) for d in shape.split(",") if d.strip()]) not in weight_sizes, shape
+    assert "w4_gemv" in text and "w4_gemm" in text
+    assert len(quantized_param_names(names, set(quant.quantized))) == len(names) + 2 * len(quant.quantized)
+
+
+def test_group_size_that_does_not_divide_a_layer(tiny_ckpt: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(["compile", "--model", str(tiny_ckpt), "--quant", "rtn-w4g128", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"layer layers\.0\.\S+ has 64 input features, not a multiple of group size 128; "
+                     r"group sizes that divide it: 64, 32", err), err
+    assert not out.exists()
+
+
+def test_unknown_quant_method(tmp_path: Path, tiny_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["compile", "--model", str(tiny_ckpt), "--quant", "gptq-w4g64", "-o", str(tmp_path / "o")]) == 2
+    assert "unknown quantization method 'gptq'" in capsys.readouterr().err
+
+
+def test_runtime_refuses_unknown_layout(tmp_path: Path, quantized_pair: tuple[Path, Path]) -> None:
+    import json
+    import shutil
+
+    from awqc.runtime.artifact import ArtifactError
+
+    art = tmp_path / "art"
+    shutil.copytree(quantized_pair[0], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["quantization"]["layout"] = "neon-interleaved-v9"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="layout 'neon-interleaved-v9'"):
+        Engine(art)
