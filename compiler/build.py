@@ -15,6 +15,7 @@ import tvm
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
 from awqc.passes.quantizer import QuantizedWeights
 from awqc.runtime.artifact import FORMAT, LIBRARY, MANIFEST, TOKENIZER_DIR, WEIGHTS, hash_tree
+from awqc.schedules.w4_cpu import schedule_w4
 from awqc.schedules.w4_kernels import LAYOUT, pack_k8
 
 from .llama import export_model
@@ -45,7 +46,7 @@ def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str,
     mod, named_params = export_model(model.config, dtype, spec.target())
     names = [name for name, _ in named_params]
     if quant is not None:
-        mod = quantize_linear(mod, names, set(quant.quantized), quant.scheme.group_size)
+        mod = quantize_linear(mod, names, set(quant.quantized), quant.scheme.group_size, schedule_w4)
         names = quantized_param_names(names, set(quant.quantized))
     ex = tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
     return ex, names

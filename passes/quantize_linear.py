@@ -7,11 +7,17 @@ when the rows are statically 1 (decode), a GEMM over dynamic rows otherwise (pre
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from awqc.schedules.w4_kernels import w4_matmul
+
+# A kernel scheduler: (unscheduled kernel, group size, static rows or None) -> scheduled kernel.
+Scheduler = Callable[[tvm.tirx.PrimFunc, int, "int | None"], tvm.tirx.PrimFunc]
+_OPAQUE = 8  # relax op pattern kOpaque: keep FuseOps from merging other ops into a scheduled kernel
 
 QUANT_SUFFIXES = ("qweight", "scales", "zeros")
 
@@ -34,10 +40,11 @@ def _quant_ty(ty: relax.TensorType, group: int) -> list[relax.TensorType]:
 @mutator
 class _LinearRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, old_packed: relax.Var, new_packed: relax.Var,
-                 index_map: dict[int, list[int]], quantized_idx: set[int], group: int):
+                 index_map: dict[int, list[int]], quantized_idx: set[int], group: int, schedule: Scheduler | None):
         super().__init__(mod)
         self.old_packed, self.new_packed = old_packed, new_packed
         self.index_map, self.quantized_idx, self.group = index_map, quantized_idx, group
+        self.schedule = schedule
         self.parts: dict[relax.Var, list[relax.Var]] = {}  # W var or permute_dims(W) var -> parts
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
@@ -71,8 +78,11 @@ class _LinearRewriter(PyExprMutator):
         key = (k, n, self.group, dtype, static_rows)
         if key not in self.kernels:
             kind = "gemv" if static_rows == 1 else "gemm"
-            self.kernels[key] = bb.add_func(w4_matmul(k, n, self.group, dtype, static_rows),
-                                            f"w4_{kind}_{k}x{n}_g{self.group}")
+            kernel = w4_matmul(k, n, self.group, dtype, static_rows)
+            if self.schedule is not None:
+                kernel = self.schedule(kernel, self.group, static_rows).with_attrs(
+                    {"tirx.is_scheduled": True, "op_pattern": _OPAQUE})
+            self.kernels[key] = bb.add_func(kernel, f"w4_{kind}_{k}x{n}_g{self.group}")
         x2 = bb.emit(relax.op.reshape(x, [rows, k]))
         y2 = bb.emit(relax.call_tir(self.kernels[key], [x2, *parts], relax.TensorType([rows, n], dtype)))
         y = bb.emit(relax.op.reshape(y2, [*lead, n]), name_hint=var.name)
@@ -96,9 +106,11 @@ def _is_op(expr: relax.Expr, name: str) -> bool:
     return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == f"relax.{name}"
 
 
-def quantize_linear(mod: tvm.IRModule, param_names: list[str], quantized: set[str], group: int) -> tvm.IRModule:
+def quantize_linear(mod: tvm.IRModule, param_names: list[str], quantized: set[str], group: int,
+                    schedule: Scheduler | None = None) -> tvm.IRModule:
     """Rewrite every function that takes the packed parameters; `quantized` names the weights to
-    lower (each must be a linear weight [N, K] with K a multiple of `group`)."""
+    lower (each must be a linear weight [N, K] with K a multiple of `group`). `schedule` is the
+    target's kernel scheduler (None leaves the kernels for later scheduling passes)."""
     unknown = quantized - set(param_names)
     if unknown:
         raise ValueError(f"quantized weights not in the model: {', '.join(sorted(unknown))}")
@@ -118,7 +130,7 @@ def quantize_linear(mod: tvm.IRModule, param_names: list[str], quantized: set[st
         for i, ty in enumerate(old_packed.ty.fields):
             fields.extend(_quant_ty(ty, group) if i in quantized_idx else [ty])
         new_packed = relax.Var("packed_params", relax.TupleType(fields))
-        rewriter = _LinearRewriter(mod, old_packed, new_packed, index_map, quantized_idx, group)
+        rewriter = _LinearRewriter(mod, old_packed, new_packed, index_map, quantized_idx, group, schedule)
         body = rewriter.visit_expr(func.body)
         new_func = relax.Function([*func.params[:-1], new_packed], body, func.ret_ty, func.is_pure,
                                   func.attrs)
