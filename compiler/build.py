@@ -43,7 +43,8 @@ def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str,
                     quant: QuantizedWeights | None = None) -> tuple[Any, list[str]]:
     """tvm.compile the model for the target (its quantized linears lowered to int4 kernels);
     the executable and its parameter order."""
-    mod, named_params = export_model(model.config, dtype, spec.target())
+    head_quantized = quant is not None and "lm_head.weight" in quant.quantized
+    mod, named_params = export_model(model.config, dtype, spec.target(), separate_head=head_quantized)
     names = [name for name, _ in named_params]
     if quant is not None:
         mod = quantize_linear(mod, names, set(quant.quantized), quant.scheme.group_size, schedule_w4)

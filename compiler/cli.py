@@ -36,7 +36,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", default="none",
                    help="weight quantization: none (float), or METHOD-wBITSgGROUP[-sym] with METHOD rtn "
                         "(round to nearest), e.g. rtn-w4g64; linears then run as int4 kernels")
-    p.add_argument("--quantize-head", action="store_true", help="also quantize an untied LM head")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the LM head (a tied head gets its own int4 copy; the embedding stays float)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.set_defaults(func=cmd_compile)
 
@@ -100,6 +101,8 @@ def quantize_model(model, method: str, scheme, quantize_head: bool):
     from awqc.passes.quantizer import rtn_quantize
 
     weights = {name: torch.from_numpy(w) for name, w in model.weights.items()}
+    if quantize_head and "lm_head.weight" not in weights:  # tied: the head gets its own quantized copy
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
     return rtn_quantize(weights, scheme, quantize_head)
 
 

@@ -65,12 +65,15 @@ def _last_token(x: Tensor) -> Tensor:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, target: Target):
+    def __init__(self, cfg: ModelConfig, dtype: str, target: Target, separate_head: bool = False):
+        # separate_head: give a tied LM head its own parameter, so it can be quantized while
+        # the embedding lookup stays float.
         self.cfg, self.dtype, self.target = cfg, dtype, target
+        self.tied = cfg.tie_word_embeddings and not separate_head
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        if not cfg.tie_word_embeddings:
+        if not self.tied:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
@@ -80,7 +83,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def _logits(self, x: Tensor) -> Tensor:
-        if self.cfg.tie_word_embeddings:
+        if self.tied:
             logits = op.matmul(x, op.permute_dims(self.embed_tokens.weight))
         else:
             logits = self.lm_head(x)
@@ -140,7 +143,8 @@ def export_spec() -> dict[str, Any]:
     }
 
 
-def export_model(cfg: ModelConfig, dtype: str, target: Target) -> tuple[Any, list[tuple[str, Any]]]:
+def export_model(cfg: ModelConfig, dtype: str, target: Target,
+                 separate_head: bool = False) -> tuple[Any, list[tuple[str, Any]]]:
     """The Relax IRModule of the model and its parameter list (name, nn.Parameter) in call order."""
-    model = LlamaForCausalLM(cfg, dtype, target)
+    model = LlamaForCausalLM(cfg, dtype, target, separate_head)
     return model.export_tvm(spec=export_spec())

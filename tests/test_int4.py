@@ -115,3 +115,19 @@ def test_runtime_refuses_unknown_layout(tmp_path: Path, quantized_pair: tuple[Pa
     (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="layout 'neon-interleaved-v9'"):
         Engine(art)
+
+
+def test_quantized_tied_head_matches_fake_quant(tmp_path: Path, tiny_ckpt: Path) -> None:
+    model = load_model(str(tiny_ckpt))
+    assert model.config.tie_word_embeddings
+    quant = quantize_model(model, "rtn", QuantScheme(group_size=32), quantize_head=True)
+    assert "lm_head.weight" in quant.quantized and "embed_tokens.weight" in quant.floats
+    int4 = Engine(write_artifact(tmp_path / "q", model, get_target("host"), "float32", 64, quant=quant, method="rtn"))
+    # Reference: untied float model whose head is the dequantized copy, embedding untouched.
+    deq = {k: v.numpy() for k, v in quant.dequantized().items()}
+    untied = dataclasses.replace(model.config, tie_word_embeddings=False)
+    ref = Engine(write_artifact(tmp_path / "f", dataclasses.replace(model, config=untied, weights=deq),
+                                get_target("host"), "float32", 64))
+    ids = list(np.random.RandomState(5).randint(3, 300, size=20))
+    assert rel_err(int4.score(ids), ref.score(ids)) < 1e-5
+    assert not np.allclose(deq["lm_head.weight"], deq["embed_tokens.weight"])  # the head really is quantized
