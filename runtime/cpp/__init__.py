@@ -1,0 +1,1 @@
+"""The C++ runner for devices without Python, and its cross-build helper."""
