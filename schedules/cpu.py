@@ -8,9 +8,12 @@ The relax pipeline (FuseTransposeMatmul before LegalizeOps, then FuseOps/FuseTIR
 
 `lead` is (b, s): all-static 1 for decode (a GEMV) and contains the dynamic `seq_len` for
 prefill (a GEMM). Two dlight-style ScheduleRules handle the two cases; `schedule_cpu_module`
-applies them to a module and leaves every other PrimFunc alone.
+(or `cpu_schedule_pass()` inside `with target:`) applies them right after FuseTIR and leaves
+every other PrimFunc alone. The SIMD width comes from the target (AVX-512: 16 float32 lanes,
+AVX2: 8, NEON/SSE: 4).
 
-Why these schedules (measured on a 2-core AMD EPYC, AVX2, ~21-24 GB/s DRAM read bandwidth):
+Why these schedules (measured on a 2-core AMD EPYC VM, ~20-24 GB/s single-thread DRAM read
+bandwidth, with the other core often busy, so single numbers are noisy):
 
 * GEMV (decode) is DRAM-bandwidth bound: the 540 MB of SmolLM2 fp32 weights are larger than
   L3, so every token streams all of them. What matters is one clean sequential stream per
@@ -43,6 +46,7 @@ from tvm.target import Target
 __all__ = [
     "NTMatmulGEMV",
     "NTMatmulGEMM",
+    "cpu_schedule_pass",
     "cpu_schedule_rules",
     "match_nt_matmul",
     "schedule_cpu_module",
@@ -202,7 +206,7 @@ def _largest_divisor(total: int, candidates: tuple[int, ...]) -> int:
 
 
 # --------------------------------------------------------------------------- schedules
-def schedule_nt_gemv(sch: s_tir.Schedule, m: NTMatmulMatch, lanes: int, max_chains: int = 8) -> None:
+def schedule_nt_gemv(sch: s_tir.Schedule, m: NTMatmulMatch, lanes: int, max_chains: int = 4) -> None:
     """Decode GEMV: y[n] = sum_k x[k] * W[n, k], rows split across threads, one row at a time.
 
     Loop nest produced (per output row n, rows in parallel):
@@ -211,7 +215,9 @@ def schedule_nt_gemv(sch: s_tir.Schedule, m: NTMatmulMatch, lanes: int, max_chai
         part[lanes] = sum_c acc[c, :]                                                (vector add)
         y[n] = sum_l part[l];  epilogue(n)
     `chains` independent accumulators hide the FMA latency; it is the largest power of two
-    <= max_chains with K % (chains * lanes) == 0. If K is not a multiple of the register width,
+    <= max_chains with K % (chains * lanes) == 0. Each FMA also needs two loads (x and W), which
+    caps it near one FMA per cycle, so 4 chains cover the 4-cycle FMA latency (8 measured no
+    better, in cache or from DRAM). If K is not a multiple of the register width,
     half-width vectors (4 lanes) are used when they divide K; otherwise the K split is
     predicated: still correct, but LLVM then gets scalar code.
     """
@@ -374,6 +380,12 @@ def cpu_schedule_rules() -> list[ScheduleRule]:
     return [NTMatmulGEMV(), NTMatmulGEMM()]
 
 
+def cpu_schedule_pass() -> tvm.transform.Pass:
+    """The same as a pass for a relax pass list; it takes the target from `with target:` (or a
+    PrimFunc's "target" attribute). Put it right after FuseTIR."""
+    return ApplyDefaultSchedule(*cpu_schedule_rules())
+
+
 def schedule_cpu_module(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """Schedule every float32 NT-matmul PrimFunc in `mod` for the CPU `target`.
 
@@ -382,4 +394,4 @@ def schedule_cpu_module(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     `tirx.is_scheduled = True`. A PrimFunc's own "target" attribute wins over `target`.
     """
     with target:
-        return ApplyDefaultSchedule(*cpu_schedule_rules())(mod)
+        return cpu_schedule_pass()(mod)

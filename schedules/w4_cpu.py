@@ -32,7 +32,6 @@ def schedule_w4_gemv(func: tirx.PrimFunc, group: int, knobs: W4CpuKnobs = W4CpuK
     sch.parallel(jo)
     sch.reverse_compute_at(mm, jb)
     sch.reverse_compute_at(sch.get_sblock("w4_store"), jb)
-    sch.set_scope(rf, 0, "local")
     sch.vectorize(lane_rf)
     sch.unroll(jr)
     if knobs.unroll_words:
@@ -55,7 +54,6 @@ def schedule_w4_gemm(func: tirx.PrimFunc, group: int, knobs: W4CpuKnobs = W4CpuK
     sch.parallel(jo)
     sch.reverse_compute_at(mm, jb)
     sch.reverse_compute_at(sch.get_sblock("w4_store"), jb)
-    sch.set_scope(rf, 0, "local")
     sch.vectorize(lane_rf)
     sch.unroll(jr)
     if knobs.unroll_words:

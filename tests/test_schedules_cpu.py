@@ -86,16 +86,25 @@ def _reference(x: np.ndarray, p: dict[str, np.ndarray], bias: bool) -> np.ndarra
     return y @ p["embed"].T.astype(np.float64)
 
 
+def _awqc_host_target() -> tvm.target.Target:
+    """The target `awqc compile --target host` uses (AVX-512 where /proc/cpuinfo lists it)."""
+    from awqc.compiler.targets import host_spec
+
+    return host_spec().target()
+
+
 @pytest.mark.parametrize(
-    "k,n,vocab,bias",
+    "k,n,vocab,bias,target",
     [
-        (576, 960, 256, True),  # SmolLM2 fused-qkv shape, bias epilogue
-        (576, 100, 200, False),  # N not a multiple of any row/tile block
-        (100, 37, 53, True),  # K not a multiple of 8: half-width (4-lane) vectors
-        (102, 37, 53, False),  # K not even a multiple of 4: predicated scalar K loop
+        (576, 960, 256, True, TARGET),  # SmolLM2 fused-qkv shape, bias epilogue
+        (576, 100, 200, False, TARGET),  # N not a multiple of any row/tile block
+        (100, 37, 53, True, TARGET),  # K not a multiple of 8: half-width (4-lane) vectors
+        (102, 37, 53, False, TARGET),  # K not even a multiple of 4: predicated scalar K loop
+        (576, 960, 256, True, None),  # the awqc host target (16 lanes on an AVX-512 host)
     ],
 )
-def test_linear_layers_scheduled_and_correct(k: int, n: int, vocab: int, bias: bool) -> None:
+def test_linear_layers_scheduled_and_correct(k: int, n: int, vocab: int, bias: bool, target) -> None:
+    target = target or _awqc_host_target()
     mod, names = _build(k, n, vocab, bias)
     nt_funcs = [gv for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
     # 3 linears x (prefill, decode); every one of them must be recognized
@@ -103,7 +112,7 @@ def test_linear_layers_scheduled_and_correct(k: int, n: int, vocab: int, bias: b
     for gv in nt_funcs:
         assert match_nt_matmul(s_tir.Schedule(mod[gv])) is not None, gv.name_hint
 
-    mod = schedule_cpu_module(mod, TARGET)
+    mod = schedule_cpu_module(mod, target)
     for gv in nt_funcs:
         func = mod[gv]
         assert func.attrs.get("tirx.is_scheduled"), gv.name_hint
@@ -112,7 +121,7 @@ def test_linear_layers_scheduled_and_correct(k: int, n: int, vocab: int, bias: b
         if k % 4 == 0:  # the predicated K tail (K % 4 != 0) is allowed to end up scalar
             assert tirx.ForKind.VECTORIZED in kinds, gv.name_hint
 
-    ex = tvm.compile(mod, target=TARGET)
+    ex = tvm.compile(mod, target=target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     rng = np.random.default_rng(0)
     shapes = {"lin1.weight": (n, k), "lin1.bias": (n,), "lin2.weight": (k, n), "embed": (vocab, k)}
