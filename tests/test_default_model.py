@@ -14,8 +14,6 @@ from awqc.runtime.engine import Engine
 
 from conftest import rel_err
 
-pytestmark = pytest.mark.slow
-
 PASSAGE = ("A compiler translates a program written in one language into another language, usually "
            "machine code that a processor can run directly. Modern compilers first parse the source into "
            "an intermediate representation, then apply many optimization passes, such as inlining, loop "
