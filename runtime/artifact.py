@@ -6,7 +6,7 @@ import json
 import platform
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -15,8 +15,11 @@ MANIFEST = "manifest.json"
 LIBRARY = "lib.so"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
-# Packed int4 weight layouts this runtime's loader understands (see awqc/schedules/w4_kernels.py).
-KNOWN_LAYOUTS = ("k8",)
+# Packed int4 weight layouts this runtime accepts (schedules/layouts.py; this module imports
+# nothing from the compiler, so the names are listed here): "k8", and "i{L}r{R}" (nibbles
+# interleaved over L SIMD lanes, tiles of R rows). The runtime only hands the arrays to the
+# library, whose kernels read the layout the manifest names.
+KNOWN_LAYOUTS = ("k8", *(f"i{lanes}r{rows}" for lanes in (4, 8, 16) for rows in (1, 2, 4, 8, 16)))
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "U32": np.uint32, "U8": np.uint8,
               "I8": np.int8, "I64": np.int64}
@@ -87,6 +90,22 @@ def check_compatible(manifest: dict[str, Any], tvm_version: str) -> None:
         raise ArtifactError(
             f"the artifact was built with TVM {manifest['tvm_version']} but this runtime has TVM {tvm_version}; "
             "install the same TVM or recompile")
+
+
+def check_device(manifest: dict[str, Any], device_available: Callable[[str], bool], requested: str | None) -> str:
+    """The TVM device kind to run the artifact on ("cpu", "cuda"); refuses a device this host
+    lacks, or one other than the kind its kernels were compiled for. `device_available(kind)`
+    asks the TVM runtime (this module does not import TVM)."""
+    target = manifest["target"]
+    kind = target.get("device", "cpu")
+    aliases = {"llvm": "cpu", "gpu": "cuda"}
+    if requested is not None and aliases.get(requested.split(":")[0], requested.split(":")[0]) != kind:
+        raise ArtifactError(f"this artifact targets {target['name']} ({kind} kernels) and cannot run on "
+                            f"device {requested!r}; compile it with --target host for the CPU")
+    if kind != "cpu" and not device_available(kind):
+        raise ArtifactError(f"this artifact targets {target['name']} but no {kind.upper()} device is available; "
+                            "compile with --target host")
+    return kind
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:

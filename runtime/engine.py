@@ -13,7 +13,8 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
-from .artifact import LIBRARY, TOKENIZER_DIR, WEIGHTS, check_compatible, load_safetensors, read_manifest, verify_files
+from .artifact import (LIBRARY, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device, load_safetensors,
+                       read_manifest, verify_files)
 from .sampling import Sampler, SamplingParams
 
 _PAGE_SIZE = 16
@@ -26,12 +27,14 @@ class PromptTooLongError(ValueError):
 class Engine:
     """One sequence of one artifact on one device."""
 
-    def __init__(self, artifact: str | Path, device: str = "cpu"):
+    def __init__(self, artifact: str | Path, device: str | None = None):
+        """device: a TVM device string ("cpu", "cuda", "cuda:1"); None is the artifact's kind."""
         root = Path(artifact)
         self.manifest = read_manifest(root)
         verify_files(root, self.manifest)
         check_compatible(self.manifest, tvm.__version__)
-        self.device = tvm.device(device)
+        kind = check_device(self.manifest, _device_exists, device)  # before loading CUDA code
+        self.device = tvm.device(device or kind)
         self.context_window = int(self.manifest["context_window"])
         self.prefill_chunk = int(self.manifest["prefill_chunk"])
         self.eos_token_ids = set(self.manifest["tokenizer"]["eos_token_ids"])
@@ -143,6 +146,13 @@ class Engine:
                 write(text[len(shown):])
                 shown = text
         return out
+
+
+def _device_exists(kind: str) -> bool:
+    try:  # a TVM runtime built without CUDA raises instead of answering False
+        return bool(tvm.device(kind, 0).exist)
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _load_tokenizer(path: Path):

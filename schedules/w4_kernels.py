@@ -1,11 +1,13 @@
-"""Dequant-fused 4-bit linear kernels (W4A16: int4 weights, float activations) and the packing
-layout they read.
+"""Dequant-fused 4-bit linear kernels (W4A16: int4 weights, float activations), one compute
+definition per packing layout (schedules/layouts.py names the layouts and packs them).
 
 Layout "k8": qweight [N, K/8] uint32, nibble j (bits 4j..4j+3) of word w holds column k = 8w + j;
 scales and zeros [N, K/G] in the activation dtype; w[n, k] = (q - zero) * scale.
+`w4_matmul` reads it with the dequantization inside the reduction.
 
-The dequantization is written inside the reduction, so no float copy of a weight matrix exists
-at any point; the per-target schedules only split, vectorize and parallelize these loops.
+Interleaved layouts "i{L}r{R}" (`w4_gemv_interleaved`, `w4_gemm_interleaved`): see layouts.py.
+No float copy of a weight matrix exists at any point: the GEMV dequantizes in registers, the
+GEMM a block of rows at a time (schedules put it under the block loop).
 """
 from __future__ import annotations
 
@@ -63,3 +65,146 @@ def w4_matmul(k: int, n: int, group: int, dtype: str, rows: int | None) -> tirx.
                 y[vi, vj] = T.Cast(dtype, acc[vi, vj])
 
     return kernel
+
+
+# --- interleaved layouts ("i{L}r{R}", schedules/layouts.py) --------------------------------------
+# Column k = 8L*b + L*j + l of a row is nibble j of word l of block b; R rows form a tile whose
+# blocks are stored together: word index ((n // R) * K/(8L) + b) * R*L + (n % R) * L + l.
+# In the kernels below k is written as g*G + L*u + l (group g, step u within the group, lane l).
+
+
+def _il_word(qweight, n, k, lanes: int, rows: int):
+    """The uint32 word holding column k of row n (qweight as [N/R, K/8 * R])."""
+    return qweight[n // rows, ((k // (8 * lanes)) * rows + n % rows) * lanes + k % lanes]
+
+
+def _il_nibble(k, lanes: int):
+    """Which nibble of its word column k is."""
+    return k % (8 * lanes) // lanes
+
+
+def _il_scale_index(n, g, rows: int):
+    """(row, column) of group g of row n in scales/zeros stored as [N/R, K/G * R]: a tile's R
+    rows side by side per group, so a tile reads one contiguous run per group."""
+    return n // rows, g * rows + n % rows
+
+
+def w4_gemv_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows: int) -> tirx.PrimFunc:
+    """Decode GEMV y[0, n] = sum_k x[k] (q[n, k] - z[n, g]) s[n, g] with the zero point factored
+    out of the inner loop:  y[n] = sum_g s[n, g] * (sum_{k in g} x[k] q[n, k] - z[n, g] X[g]),
+    where X[g] = sum_{k in g} x[k] is computed once per call and shared by every row.
+
+    The inner product reads nibble j of a word without a shift: (word & 15 << 4j) is q * 16^j,
+    and x was pre-multiplied by 16^-j (exact: a power of two) once per call, so one AND, one
+    int->float convert and one FMA handle `lanes` weights. Nibble 7 would set the sign bit, so
+    it is shifted down instead (and its x is not rescaled). Partial sums stay per lane
+    (`lanes` wide) through the group scaling; the horizontal sum happens once per row.
+    """
+    _check_interleaved(k, n, group, lanes, rows)
+    ng, steps = k // group, group // lanes
+
+    def nibble_times_16j(word, j):  # float(q * 16^j); nibble 7 as q
+        masked = T.bitwise_and(word, T.shift_left(T.uint32(15), T.Cast("uint32", j) * T.uint32(4)))
+        return T.Cast("float32", T.Cast("int32", T.Select(j == 7, T.shift_right(word, T.uint32(28)), masked)))
+
+    def inv_16j(j):  # 16^-j as float bits (exponent 127 - 4j); 1 for nibble 7
+        return T.reinterpret("float32", T.Cast("uint32", T.Select(j == 7, 127, 127 - 4 * j)) << T.uint32(23))
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((1, k), dtype), qweight: T.Buffer((n // rows, k // PACK * rows), "uint32"),
+               scales: T.Buffer((n // rows, ng * rows), dtype), zeros: T.Buffer((n // rows, ng * rows), dtype),
+               y: T.Buffer((1, n), dtype)):
+        T.func_attr({"tirx.noalias": True})
+        xsum = T.sblock_alloc_buffer((ng, lanes), "float32")  # X[g], kept per lane
+        xpre = T.sblock_alloc_buffer((k,), "float32")  # x[k] * 16^-j(k)
+        dot = T.sblock_alloc_buffer((n, ng, lanes), "float32")  # sum_u x q, per group and lane
+        acc = T.sblock_alloc_buffer((n, lanes), "float32")  # sum_g s (dot - z X), per lane
+        total = T.sblock_alloc_buffer((n,), "float32")
+        for g, u, l in T.grid(ng, steps, lanes):
+            with T.sblock("w4_xsum"):
+                vg, vu, vl = T.axis.remap("SRS", [g, u, l])
+                with T.init():
+                    xsum[vg, vl] = T.float32(0)
+                xsum[vg, vl] = xsum[vg, vl] + T.Cast("float32", x[0, vg * group + vu * lanes + vl])
+        for kk in range(k):
+            with T.sblock("w4_xpre"):
+                vk = T.axis.spatial(k, kk)
+                xpre[vk] = T.Cast("float32", x[0, vk]) * inv_16j(_il_nibble(vk, lanes))
+        for j, g, u, l in T.grid(n, ng, steps, lanes):
+            with T.sblock("w4_dot"):
+                vj, vg, vu, vl = T.axis.remap("SSRS", [j, g, u, l])
+                with T.init():
+                    dot[vj, vg, vl] = T.float32(0)
+                dot[vj, vg, vl] = dot[vj, vg, vl] + xpre[vg * group + vu * lanes + vl] * nibble_times_16j(
+                    _il_word(qweight, vj, vg * group + vu * lanes + vl, lanes, rows),
+                    _il_nibble(vg * group + vu * lanes, lanes))
+        for j, g, l in T.grid(n, ng, lanes):
+            with T.sblock("w4_scale"):
+                vj, vg, vl = T.axis.remap("SRS", [j, g, l])
+                with T.init():
+                    acc[vj, vl] = T.float32(0)
+                acc[vj, vl] = acc[vj, vl] + T.Cast("float32", scales[_il_scale_index(vj, vg, rows)]) * (
+                    dot[vj, vg, vl] - T.Cast("float32", zeros[_il_scale_index(vj, vg, rows)]) * xsum[vg, vl])
+        for j, l in T.grid(n, lanes):
+            with T.sblock("w4_lanes"):
+                vj, vl = T.axis.remap("SR", [j, l])
+                with T.init():
+                    total[vj] = T.float32(0)
+                total[vj] = total[vj] + acc[vj, vl]
+        for j in range(n):
+            with T.sblock("w4_store"):
+                vj = T.axis.spatial(n, j)
+                y[0, vj] = T.Cast(dtype, total[vj])
+
+    return kernel
+
+
+def w4_gemm_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows: int,
+                        m: int | None) -> tirx.PrimFunc:
+    """Prefill GEMM y[m, n] = sum_k x[m, k] w[n, k] over `m` rows (None: dynamic). Compute
+    bound, so the dequantization w = (q - z) * s (the fake-quant reference's formula) is its own
+    block: the schedule runs it for a block of weight rows at a time, into a buffer that stays
+    in cache and is reused by every activation row."""
+    _check_interleaved(k, n, group, lanes, rows)
+    ng, steps = k // group, group // lanes
+    mm = m if m is not None else tirx.Var("m", "int64")
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x: T.Buffer((mm, k), dtype), qweight: T.Buffer((n // rows, k // PACK * rows), "uint32"),
+               scales: T.Buffer((n // rows, ng * rows), dtype), zeros: T.Buffer((n // rows, ng * rows), dtype),
+               y: T.Buffer((mm, n), dtype)):
+        T.func_attr({"tirx.noalias": True})
+        xf = T.sblock_alloc_buffer((mm, k), "float32")
+        w = T.sblock_alloc_buffer((n, k), "float32")
+        acc = T.sblock_alloc_buffer((mm, n), "float32")
+        for i, kk in T.grid(mm, k):
+            with T.sblock("w4_xf"):
+                vi, vk = T.axis.remap("SS", [i, kk])
+                xf[vi, vk] = T.Cast("float32", x[vi, vk])
+        for j, g, u, l in T.grid(n, ng, steps, lanes):
+            with T.sblock("w4_dequant"):
+                vj, vg, vu, vl = T.axis.remap("SSSS", [j, g, u, l])
+                w[vj, vg * group + vu * lanes + vl] = (T.Cast("float32", T.bitwise_and(T.shift_right(
+                    _il_word(qweight, vj, vg * group + vu * lanes + vl, lanes, rows),
+                    T.Cast("uint32", _il_nibble(vg * group + vu * lanes, lanes)) * T.uint32(4)), T.uint32(15)))
+                    - T.Cast("float32", zeros[_il_scale_index(vj, vg, rows)])) * T.Cast(
+                    "float32", scales[_il_scale_index(vj, vg, rows)])
+        for i, j, kk in T.grid(mm, n, k):
+            with T.sblock("w4_matmul"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, kk])
+                with T.init():
+                    acc[vi, vj] = T.float32(0)
+                acc[vi, vj] = acc[vi, vj] + xf[vi, vk] * w[vj, vk]
+        for i, j in T.grid(mm, n):
+            with T.sblock("w4_store"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                y[vi, vj] = T.Cast(dtype, acc[vi, vj])
+
+    return kernel
+
+
+def _check_interleaved(k: int, n: int, group: int, lanes: int, rows: int) -> None:
+    if k % (PACK * lanes) or k % group or group % lanes or n % rows:
+        raise ValueError(f"layout i{lanes}r{rows} needs K a multiple of {PACK * lanes} and of the group size "
+                         f"{group}, the group a multiple of {lanes} and N a multiple of {rows}; "
+                         f"got K={k}, N={n}, group {group}")

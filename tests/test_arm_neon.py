@@ -7,6 +7,7 @@ them the tests fail (not skip), naming that script.
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -24,8 +25,8 @@ from awqc.compiler.targets import get_target
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.cpp.build import RunnerBuildError, build_runner
 from awqc.runtime.engine import Engine
-from awqc.schedules.w4_cpu import schedule_w4
-from awqc.schedules.w4_kernels import pack_k8, w4_matmul
+from awqc.schedules.layouts import K8, InterleavedLayout
+from awqc.schedules.w4_cpu import cpu_scheduler
 
 from conftest import make_checkpoint, rel_err
 
@@ -33,9 +34,13 @@ SYSROOT = Path("/usr/aarch64-linux-gnu")  # Debian's aarch64 libc, for qemu's dy
 QEMU = ["qemu-aarch64", "-L", str(SYSROOT)]
 TOOLS = ("aarch64-linux-gnu-g++", "aarch64-linux-gnu-objdump", "qemu-aarch64")
 EM_AARCH64 = 183  # ELF e_machine
-# What one k8 word costs in NEON: variable shift (ushl by a negative amount is a right shift),
-# mask, int->float, and the fused multiply-add, all on v registers.
-NEON_INNER_LOOP = {"ushl", "and", "ucvtf", "fmla"}
+# The decode GEMV's inner loop on the interleaved layout (schedules/layouts.py): a constant mask
+# (or, for nibble 7, a shift by an immediate), int->float and the fused multiply-add on v
+# registers; no variable shift (ushl) as layout k8 needed.
+NEON_GEMV_LOOP = {"and", "ushr", "ucvtf", "fmla"}
+# The prefill GEMM dequantizes a block of weight rows (shift, mask, convert, - zero, * scale)
+# and runs a float micro-kernel (fmla) over it.
+NEON_DEQUANT = {"ushr", "and", "ucvtf", "fsub", "fmul"}
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -167,7 +172,7 @@ def test_runner_usage_errors(runner: Path, arm_and_host: tuple[Path, Path]) -> N
 
 
 # ------------------------------------------------------------------------- (b) kernels
-def kernel_data(rows: int, k: int, n: int, group: int, dtype: str, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+def kernel_data(rows: int, k: int, n: int, group: int, dtype: str, layout, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
     """Kernel arguments (x, qweight, scales, zeros, y=0) and the float64 numpy reference of y."""
     rs = np.random.RandomState(seed)
     q = rs.randint(0, 16, size=(n, k)).astype(np.uint8)
@@ -175,30 +180,33 @@ def kernel_data(rows: int, k: int, n: int, group: int, dtype: str, seed: int = 0
     zeros = rs.randint(0, 16, size=(n, k // group)).astype(dtype)
     x = rs.randn(rows, k).astype(dtype)
     w = (q - np.repeat(zeros.astype(np.float64), group, 1)) * np.repeat(scales.astype(np.float64), group, 1)
-    return [x, pack_k8(q), scales, zeros, np.zeros((rows, n), dtype)], x.astype(np.float64) @ w.T
+    return [x, *layout.pack(q, scales, zeros), np.zeros((rows, n), dtype)], x.astype(np.float64) @ w.T
 
 
-def cross_build_kernel(k: int, n: int, group: int, dtype: str, rows: int | None, out: Path) -> Path:
+def cross_build_kernel(k: int, n: int, group: int, dtype: str, rows: int | None, out: Path, layout) -> Path:
     """The scheduled int4 kernel alone, as an aarch64 library exporting `name`."""
     spec = get_target("arm-neon")
-    func = schedule_w4(w4_matmul(k, n, group, dtype, rows), group, rows).with_attr("global_symbol", "w4_kernel")
+    func = cpu_scheduler(layout)(layout.kernel(k, n, group, dtype, rows), group, rows)
+    func = func.with_attr("global_symbol", "w4_kernel")
     tvm.compile(tvm.IRModule({"w4_kernel": func}), spec.target()).export_library(str(out), fcompile=spec.fcompile())
     return out
 
 
-@pytest.mark.parametrize("rows, m, k, n, group, dtype", [
-    (1, 1, 512, 96, 64, "float32"),       # decode GEMV
-    (1, 1, 256, 64, 32, "float16"),       # decode GEMV, fp16 activations
-    (None, 5, 256, 80, 32, "float32"),    # prefill GEMM, dynamic rows
-    (None, 3, 128, 64, 128, "float16"),   # prefill GEMM, one group per row
-])
-def test_int4_kernel_under_qemu_matches_numpy(runner: Path, tmp_path: Path, rows: int | None, m: int, k: int,
-                                              n: int, group: int, dtype: str) -> None:
+@pytest.mark.parametrize("layout, rows, m, k, n, group, dtype", [
+    (InterleavedLayout(4, 4), 1, 1, 512, 96, 64, "float32"),     # decode GEMV (the NEON default layout)
+    (InterleavedLayout(8, 2), 1, 1, 256, 64, 32, "float16"),     # decode GEMV, fp16 activations
+    (InterleavedLayout(4, 4), None, 5, 256, 80, 32, "float32"),  # prefill GEMM, dynamic rows
+    (InterleavedLayout(4, 4), None, 3, 128, 64, 128, "float16"),  # prefill GEMM, one group per row
+    (K8, 1, 1, 512, 96, 64, "float32"),                          # layout k8 (fallback): GEMV
+    (K8, None, 5, 256, 80, 32, "float32"),                       # and GEMM
+], ids=lambda v: getattr(v, "name", None))
+def test_int4_kernel_under_qemu_matches_numpy(runner: Path, tmp_path: Path, layout, rows: int | None, m: int,
+                                              k: int, n: int, group: int, dtype: str) -> None:
     from safetensors.numpy import save_file
 
-    lib = cross_build_kernel(k, n, group, dtype, rows, tmp_path / "kernel.so")
+    lib = cross_build_kernel(k, n, group, dtype, rows, tmp_path / "kernel.so", layout)
     assert elf_machine(lib) == EM_AARCH64
-    args, ref = kernel_data(m, k, n, group, dtype)
+    args, ref = kernel_data(m, k, n, group, dtype, layout)
     save_file({f"arg{i}": a for i, a in enumerate(args)}, str(tmp_path / "args.safetensors"))
     qemu_ok(runner, "--kernel", lib, "w4_kernel", tmp_path / "args.safetensors", tmp_path / "y.bin")
     y = np.fromfile(tmp_path / "y.bin", dtype).reshape(m, n).astype(np.float64)
@@ -210,6 +218,8 @@ def test_int4_kernel_under_qemu_matches_numpy(runner: Path, tmp_path: Path, rows
 def test_int4_inner_loop_is_neon(arm_and_host: tuple[Path, Path], kind: str) -> None:
     """The int4 kernels of the shipped library (decode GEMV, prefill GEMM) run their K loop on
     NEON vectors. A kernel's body is in `<name>_compute_` when its rows run in parallel."""
+    manifest = json.loads((arm_and_host[0] / "manifest.json").read_text())
+    assert manifest["quantization"]["layout"] == "i4r4"  # tuning.default_layout for NEON
     funcs = disassemble(arm_and_host[0] / "lib.so")
     ours = {name: insns for name, insns in funcs.items() if kind in name}
     assert ours, f"no {kind} function in lib.so"
@@ -219,4 +229,9 @@ def test_int4_inner_loop_is_neon(arm_and_host: tuple[Path, Path], kind: str) -> 
         loop = innermost_loop(insns, "fmla")
         assert loop is not None, f"{kernel}: no loop with a vector fmla; is the NEON schedule (schedules/w4_cpu.py) applied?"
         found = vector_mnemonics(loop)
-        assert NEON_INNER_LOOP <= set(found), f"{kernel}: inner loop has vector ops {dict(found)}"
+        if kind == "w4_gemv":
+            assert NEON_GEMV_LOOP <= set(found) and "ushl" not in found, f"{kernel}: inner loop has {dict(found)}"
+        else:
+            dequant = innermost_loop(insns, "ucvtf")
+            assert dequant is not None and NEON_DEQUANT <= set(vector_mnemonics(dequant)), \
+                f"{kernel}: no vectorized dequantization loop"

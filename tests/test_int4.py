@@ -19,6 +19,7 @@ from awqc.compiler.targets import get_target
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.engine import Engine
+from awqc.schedules.tuning import record_for
 from awqc.schedules.w4_kernels import pack_k8, unpack_k8
 
 from conftest import make_checkpoint, rel_err
@@ -60,7 +61,9 @@ def test_int4_artifact_matches_fake_quant_reference(quantized_pair: tuple[Path, 
 
 def test_manifest_names_the_layout(quantized_pair: tuple[Path, Path]) -> None:
     info = Engine(quantized_pair[0]).manifest["quantization"]
-    assert info["layout"] == "k8" and info["scheme"] == "w4g32" and info["method"] == "rtn"
+    # the host's layout: its tuning record's (schedules/records/), else the default
+    assert info["layout"] == record_for(get_target("host")).layout
+    assert info["scheme"] == "w4g32" and info["method"] == "rtn"
     assert "layers.0.mlp.down_proj.weight" in info["quantized"]
     assert "embed_tokens.weight" not in info["quantized"]
 

@@ -1,0 +1,60 @@
+"""Quality of 4-bit quantization on the default model (SmolLM2-135M-Instruct): perplexity of float,
+round-to-nearest, AWQ (scale search only) and AWQ (scale + clip search) at w4 g64 and g32, with the
+search time (calibration + search); prints a markdown table.
+
+    python bench/quality.py                      # 40 windows x 512 tokens, 128 x 512 calibration
+    python bench/quality.py --windows 20 --group-sizes 64
+
+Evaluation text: the Python tutorial, FAQ and HOWTOs (python3.11-doc); calibration text: the
+Python library reference (disjoint files). Quantized weights are scored dequantized in the float
+library compiled once (compiler/evaluate.py), so the table does not depend on the int4 kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import time
+
+from awqc.compiler.evaluate import QualityRun, QualitySettings, format_table
+from awqc.compiler.model_import import load_model
+from awqc.passes.quantizer import QuantScheme
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[64, 32])
+    p.add_argument("--windows", type=int, default=40, help="evaluation windows of --window-len tokens (default 40)")
+    p.add_argument("--window-len", type=int, default=512)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--gram-tokens", type=int, default=128, help="tokens per sample for the Gram (0: all)")
+    p.add_argument("--calib-stats", default=None, help="calibration statistics cache file")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    model = load_model(args.model)
+    t_load = time.perf_counter() - t0
+    settings = QualitySettings(None, args.windows, args.window_len, None, args.calib_samples, args.calib_seq_len,
+                               args.gram_tokens or None, args.calib_stats)
+    run = QualityRun(model, settings)
+    rows = run.compare(["float", "rtn", "awq-scale", "awq"], [QuantScheme(group_size=g) for g in args.group_sizes])
+    for r in rows:
+        r["search s"] = None if r["search s"] is None else round(r["search s"])
+    print(format_table(rows))
+    tokens = len(run.windows) * args.window_len
+    print(f"\n{args.model}: {len(run.windows)} evaluation windows x {args.window_len} tokens ({tokens} tokens, "
+          f"Python tutorial/FAQ/HOWTOs); calibration {args.calib_samples} x {args.calib_seq_len} tokens "
+          f"(Python library reference), Gram from {args.gram_tokens or args.calib_seq_len} tokens per sample; "
+          f"search s = calibration ({run.calib_seconds:.0f} s, shared by all rows) + scale (+ clip) search.")
+    print(f"load {t_load:.0f} s, total {time.perf_counter() - t0:.0f} s, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

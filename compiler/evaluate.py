@@ -1,0 +1,214 @@
+"""Perplexity of a compiled model on a text, and float / RTN / AWQ side by side.
+
+One code path scores everything: runtime.engine.Engine.score on non-overlapping windows, each from
+an empty KV cache. A quantized weight set (before int4 kernels exist) is evaluated by compiling
+the float model once and loading the dequantized weights into the same Engine: only the weights
+differ between float, RTN and AWQ, not the library.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .text_data import default_eval_text, read_text, token_windows, tokenize
+
+DEFAULT_WINDOWS = 40
+DEFAULT_WINDOW_LEN = 512
+
+
+@dataclasses.dataclass
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted tokens (window_len - 1 per window)
+    windows: int
+    seconds: float
+
+
+def eval_windows(engine: Any, text: str | Path | None = None, n_windows: int | None = DEFAULT_WINDOWS,
+                 window_len: int = DEFAULT_WINDOW_LEN) -> list[list[int]]:
+    """Windows of the evaluation text (default: the Python tutorial/FAQ/HOWTOs, never the
+    calibration text), tokenized by the artifact's own tokenizer."""
+    body = default_eval_text() if text is None else read_text(text)
+
+    def encode(s: str) -> list[int]:
+        return engine.tokenizer.encode(s, add_special_tokens=False).ids
+
+    return token_windows(tokenize(encode, body), window_len, n_windows, what="evaluation text",
+                         hint=" (--text FILE, or a shorter --window-len)")
+
+
+def perplexity(engine: Any, windows: Sequence[Sequence[int]], progress: bool = True, desc: str = "eval") -> Perplexity:
+    """exp(mean NLL) of every token after the first of each window, given the tokens before it in
+    the same window."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    nll, count = 0.0, 0
+    for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, file=sys.stderr):
+        logits = torch.from_numpy(engine.score(list(ids)))[:-1]
+        target = torch.tensor(ids[1:], dtype=torch.long)
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        nll -= float(logp.gather(1, target[:, None]).sum())
+        count += len(target)
+    engine.reset()
+    mean = nll / max(count, 1)
+    return Perplexity(math.exp(mean), mean, count, len(windows), time.perf_counter() - t0)
+
+
+def set_weights(engine: Any, weights: dict[str, Any]) -> None:
+    """Load another weight set (same names and shapes) into an engine's compiled model."""
+    import tvm
+
+    dtype = engine.manifest["dtype"]
+    params = []
+    for name in engine.manifest["params"]:
+        w = weights[name]
+        w = w.numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
+        params.append(tvm.runtime.tensor(np.ascontiguousarray(w, dtype=dtype), engine.device))
+    engine.params = params
+
+
+class FloatEngine:
+    """The model compiled once in float32 (in a temporary artifact), loaded as an Engine."""
+
+    def __init__(self, model: Any, context_window: int = DEFAULT_WINDOW_LEN, target: str = "host"):
+        from awqc.runtime.engine import Engine
+
+        from .build import write_artifact
+        from .targets import get_target
+
+        tmp = Path(tempfile.mkdtemp(prefix="awqc-eval-"))
+        try:
+            art = write_artifact(tmp / "float", model, get_target(target), "float32", context_window)
+            self.engine = Engine(art)  # the library and weights are loaded; the files can go
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.float_weights = model.weights
+
+    def use(self, weights: dict[str, Any] | None) -> Any:
+        """The engine with `weights` loaded (None: the model's float weights)."""
+        set_weights(self.engine, self.float_weights if weights is None else weights)
+        return self.engine
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table; columns in the order of the first row's keys."""
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+    return "\n".join(out)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def gap_closed(float_ppl: float, rtn_ppl: float, method_ppl: float) -> float | None:
+    """Share of the RTN → float perplexity gap a method closes (1.0: all of it)."""
+    gap = rtn_ppl - float_ppl
+    return None if gap <= 0 else (rtn_ppl - method_ppl) / gap
+
+
+# ------------------------------------------------------------------------------- float / RTN / AWQ
+@dataclasses.dataclass
+class QualitySettings:
+    text: str | Path | None = None  # evaluation text file (default: the Python tutorial/FAQ/HOWTOs)
+    n_windows: int | None = DEFAULT_WINDOWS
+    window_len: int = DEFAULT_WINDOW_LEN
+    calib_text: str | Path | None = None  # calibration text file (default: the Python library reference)
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+    gram_tokens: int | None = 128
+    calib_stats: str | Path | None = None  # cache: loaded if the file exists, else written
+    quantize_head: bool = False
+    progress: bool = True
+
+
+class QualityRun:
+    """Perplexity of one model under several weight sets, sharing one compiled library, one set
+    of evaluation windows and one calibration."""
+
+    def __init__(self, model: Any, settings: QualitySettings):
+        self.model, self.s = model, settings
+        self.float_engine = FloatEngine(model, settings.window_len)
+        self.windows = eval_windows(self.float_engine.engine, settings.text, settings.n_windows, settings.window_len)
+        self._stats = None
+        self.calib_seconds = 0.0
+        self._awq: dict[Any, Any] = {}
+
+    def stats(self):
+        from .calibrate import CalibrationStats, calibrate, load_samples
+
+        if self._stats is None:
+            cache = Path(self.s.calib_stats) if self.s.calib_stats else None
+            t0 = time.perf_counter()
+            if cache is not None and cache.is_file():
+                self._stats = CalibrationStats.load(cache)
+            else:
+                samples = load_samples(self.model, self.s.calib_text, self.s.calib_samples, self.s.calib_seq_len)
+                self._stats = calibrate(self.model, samples, self.s.quantize_head, self.s.gram_tokens,
+                                        progress=self.s.progress)
+                if cache is not None:
+                    self._stats.save(cache)
+            self.calib_seconds = time.perf_counter() - t0
+        return self._stats
+
+    def weights(self, method: str, scheme: Any) -> tuple[dict[str, Any] | None, float | None]:
+        """The (dequantized) weights of a method and the search time it took (None: no search)."""
+        from .awq import awq_quantize, rtn
+
+        if method == "float":
+            return None, None
+        if method == "rtn":
+            return rtn(self.model, scheme, self.s.quantize_head).dequantized(), None
+        if method not in ("awq", "awq-scale"):
+            raise ValueError(f"unknown method {method!r}; choose float, rtn, awq-scale or awq")
+        stats = self.stats()
+        if scheme not in self._awq:
+            self._awq[scheme] = awq_quantize(self.model, scheme, stats, clip=True,
+                                             quantize_head=self.s.quantize_head, progress=self.s.progress)
+        res = self._awq[scheme]
+        if method == "awq-scale":
+            return res.scale_only().dequantized(), self.calib_seconds + res.seconds["scale"]
+        return res.weights.dequantized(), self.calib_seconds + res.seconds["scale"] + res.seconds["clip"]
+
+    def perplexity(self, method: str, scheme: Any) -> tuple[Perplexity, float | None]:
+        weights, search = self.weights(method, scheme)
+        label = method if scheme is None or method == "float" else f"{method} {scheme.name}"
+        return perplexity(self.float_engine.use(weights), self.windows, self.s.progress, desc=label), search
+
+    def compare(self, methods: Sequence[str], schemes: Sequence[Any]) -> list[dict[str, Any]]:
+        """One row per (method, scheme); float once. Columns: method, quant, ppl, Δ vs float,
+        RTN gap closed, search s."""
+        rows: list[dict[str, Any]] = []
+        float_ppl = self.perplexity("float", None)[0].ppl
+        if "float" in methods:
+            rows.append({"method": "float", "quant": "–", "perplexity": float_ppl, "Δ vs float": 0.0,
+                         "RTN gap closed": None, "search s": None})
+        for scheme in schemes:
+            rtn_ppl = None
+            for method in [m for m in methods if m != "float"]:
+                ppl, search = self.perplexity(method, scheme)
+                if method == "rtn":
+                    rtn_ppl = ppl.ppl
+                closed = gap_closed(float_ppl, rtn_ppl, ppl.ppl) if rtn_ppl and method != "rtn" else None
+                rows.append({"method": method, "quant": scheme.name, "perplexity": ppl.ppl,
+                             "Δ vs float": ppl.ppl - float_ppl,
+                             "RTN gap closed": None if closed is None else f"{100 * closed:.0f}%",
+                             "search s": search})
+        return rows

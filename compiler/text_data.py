@@ -1,0 +1,78 @@
+"""Calibration and evaluation text, and cutting text into token windows.
+
+Both default texts come from Debian's python3.11-doc package (the reStructuredText sources of the
+Python documentation, installed by scripts/setup.sh): calibration reads the library reference
+(`library/`), evaluation reads the tutorial, FAQ and HOWTOs (`tutorial/`, `faq/`, `howto/`).
+The two sets of files are disjoint, so a model is never evaluated on the text it was calibrated on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+DOC_PACKAGE = "python3.11-doc"
+DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+CALIBRATION_DIRS = ("library",)
+EVAL_DIRS = ("tutorial", "faq", "howto")
+
+
+class TextError(ValueError):
+    """A text is missing or too short for what was asked; the message names the minimum."""
+
+
+def _read_dirs(dirs: Sequence[str], root: Path = DOC_ROOT) -> str:
+    files = [f for d in dirs for f in sorted((root / d).glob("**/*.rst.txt"))]
+    if not files:
+        raise TextError(
+            f"no default text under {root} ({', '.join(dirs)}); install it with "
+            f"`apt-get install -y {DOC_PACKAGE}` or pass your own text file")
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+def default_calibration_text() -> str:
+    """The Python library reference (python3.11-doc: library/)."""
+    return _read_dirs(CALIBRATION_DIRS)
+
+
+def default_eval_text() -> str:
+    """The Python tutorial, FAQ and HOWTOs (python3.11-doc: tutorial/, faq/, howto/)."""
+    return _read_dirs(EVAL_DIRS)
+
+
+def read_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise TextError(f"text file {p} does not exist")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def tokenize(encode: Callable[[str], list[int]], text: str, chunk_chars: int = 1 << 16) -> list[int]:
+    """Token ids of `text`, encoded in paragraph-aligned chunks (a tokenizer on one 7 MB string is
+    slow and warns about the model's maximum length)."""
+    ids: list[int] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):  # cut at a paragraph break so no word is split between chunks
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        ids.extend(encode(text[start:end]))
+        start = end
+    return ids
+
+
+def token_windows(ids: Sequence[int], length: int, count: int | None, what: str = "text",
+                  hint: str = "") -> list[list[int]]:
+    """`count` non-overlapping windows of `length` tokens, spread evenly over `ids` (all of them when
+    count is None). Fewer windows than asked when the text is short; an error when not even one fits."""
+    if length < 2:
+        raise TextError(f"a window needs at least 2 tokens, got {length}")
+    available = len(ids) // length
+    if available < 1:
+        raise TextError(
+            f"the {what} has {len(ids)} tokens, shorter than one sample of {length} tokens; "
+            f"give at least {length} tokens of text{hint}")
+    n = available if count is None else min(count, available)
+    # Window i starts at the i-th of n evenly spaced slots among the `available` aligned ones.
+    starts = [(i * available // n) * length for i in range(n)]
+    return [list(ids[s:s + length]) for s in starts]

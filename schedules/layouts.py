@@ -1,0 +1,143 @@
+"""Packing layouts of int4 weights: how q [N, K], scales and zeros [N, K/G] are stored, and which
+kernel reads them. The artifact's manifest names the layout (`quantization.layout`), so a
+runtime never guesses; runtime/artifact.py and the C++ runner list the names they accept.
+
+"k8" (every target; the CUDA kernels read it): qweight [N, K/8] uint32, nibble j of word w is
+    column 8w + j; scales and zeros [N, K/G].
+
+"i{L}r{R}" (CPU SIMD, L = SIMD lanes of 32 bits, R = rows per tile), e.g. "i8r8" for AVX2 /
+    AVX-512 (8 x 32-bit lanes per 256-bit load):
+    * within each block of 8L columns, word l holds columns l, L + l, ..., 7L + l (nibble j is
+      column L*j + l), so one vector load of L words followed by an AND with a constant
+      (or a shift by an immediate) gives L consecutive k in L lanes, ready to convert;
+    * R rows form a tile whose blocks are stored together (block b of rows r = 0..R-1, then
+      block b + 1, ...), so a thread computing R rows at once reads one sequential stream;
+    * scales and zeros [N/R, K/G * R]: per group, the tile's R values side by side.
+    Needs K % 8L == 0, G % L == 0 and N % R == 0; a model with any linear that does not fit is
+    packed "k8" instead (`choose_layout`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable
+
+import numpy as np
+from tvm import tirx
+
+from .w4_kernels import PACK, pack_k8, unpack_k8, w4_gemm_interleaved, w4_gemv_interleaved, w4_matmul
+
+LANES = (4, 8, 16)  # NEON / SSE 128-bit, AVX2 256-bit, AVX-512 512-bit
+TILE_ROWS = (1, 2, 4, 8, 16)
+
+Packed = tuple[np.ndarray, np.ndarray, np.ndarray]  # qweight, scales, zeros
+
+
+@dataclasses.dataclass(frozen=True)
+class K8Layout:
+    name: str = "k8"
+
+    def supports(self, k: int, n: int, group: int) -> bool:
+        return k % PACK == 0 and k % group == 0
+
+    def shapes(self, n: int, k: int, group: int) -> list[tuple[int, int]]:
+        """Shapes of (qweight, scales, zeros) for a weight [N, K]."""
+        return [(n, k // PACK), (n, k // group), (n, k // group)]
+
+    def pack(self, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Packed:
+        return pack_k8(q), scales, zeros
+
+    def unpack(self, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Packed:
+        return unpack_k8(qweight), scales, zeros
+
+    def kernel(self, k: int, n: int, group: int, dtype: str, rows: int | None) -> tirx.PrimFunc:
+        return w4_matmul(k, n, group, dtype, rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedLayout:
+    lanes: int = 8
+    tile_rows: int = 8
+
+    def __post_init__(self) -> None:
+        if self.lanes not in LANES or self.tile_rows not in TILE_ROWS:
+            raise ValueError(f"layout i{self.lanes}r{self.tile_rows}: lanes must be one of {LANES} and "
+                             f"rows one of {TILE_ROWS}")
+
+    @property
+    def name(self) -> str:
+        return f"i{self.lanes}r{self.tile_rows}"
+
+    @property
+    def block(self) -> int:
+        """Columns per block: 8 nibbles x `lanes` words."""
+        return PACK * self.lanes
+
+    def supports(self, k: int, n: int, group: int) -> bool:
+        return k % self.block == 0 and k % group == 0 and group % self.lanes == 0 and n % self.tile_rows == 0
+
+    def shapes(self, n: int, k: int, group: int) -> list[tuple[int, int]]:
+        r = self.tile_rows
+        return [(n // r, k // PACK * r), (n // r, k // group * r), (n // r, k // group * r)]
+
+    def pack(self, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Packed:
+        n, k = q.shape
+        if not self.supports(k, n, k // scales.shape[1]):
+            raise ValueError(f"layout {self.name} cannot hold a [{n}, {k}] weight with group {k // scales.shape[1]}")
+        nib = q.astype(np.uint32).reshape(n, k // self.block, PACK, self.lanes)  # [n, b, j, l]
+        words = np.zeros((n, k // self.block, self.lanes), np.uint32)
+        for j in range(PACK):
+            words |= nib[:, :, j, :] << np.uint32(4 * j)
+        return self._tile(words.reshape(n, -1), self.lanes), self._tile(scales, 1), self._tile(zeros, 1)
+
+    def unpack(self, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Packed:
+        words = self._untile(qweight, self.lanes)
+        n, kw = words.shape
+        blocks = words.reshape(n, kw // self.lanes, 1, self.lanes)
+        nib = (blocks >> (np.arange(PACK, dtype=np.uint32) * 4)[None, None, :, None]) & np.uint32(15)
+        return nib.reshape(n, kw * PACK).astype(np.uint8), self._untile(scales, 1), self._untile(zeros, 1)
+
+    def kernel(self, k: int, n: int, group: int, dtype: str, rows: int | None) -> tirx.PrimFunc:
+        if rows == 1:
+            return w4_gemv_interleaved(k, n, group, dtype, self.lanes, self.tile_rows)
+        return w4_gemm_interleaved(k, n, group, dtype, self.lanes, self.tile_rows, rows)
+
+    def _tile(self, a: np.ndarray, unit: int) -> np.ndarray:
+        """[N, C] → [N/R, C*R]: runs of `unit` columns, the R rows of a tile side by side."""
+        n, c = a.shape
+        r = self.tile_rows
+        t = a.reshape(n // r, r, c // unit, unit).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(t.reshape(n // r, c * r))
+
+    def _untile(self, a: np.ndarray, unit: int) -> np.ndarray:
+        nt, cr = a.shape
+        r = self.tile_rows
+        t = a.reshape(nt, cr // (r * unit), r, unit).transpose(0, 2, 1, 3)
+        return np.ascontiguousarray(t.reshape(nt * r, cr // r))
+
+
+Layout = K8Layout | InterleavedLayout
+K8 = K8Layout()
+
+
+def layout_names() -> list[str]:
+    """Every layout name this version of awqc can write (runtime/artifact.py lists the same)."""
+    return [K8.name] + [InterleavedLayout(lanes, r).name for lanes in LANES for r in TILE_ROWS]
+
+
+def get_layout(name: str) -> Layout:
+    if name == K8.name:
+        return K8
+    m = re.fullmatch(r"i(\d+)r(\d+)", name)
+    if m is None:
+        raise ValueError(f"unknown int4 layout {name!r}; known: {', '.join(layout_names())}")
+    return InterleavedLayout(int(m.group(1)), int(m.group(2)))
+
+
+def choose_layout(preferred: Layout, shapes: Iterable[tuple[int, int]], group: int) -> Layout:
+    """`preferred` if it holds every weight shape (N, K) of the model, else k8 (one layout per
+    artifact keeps the manifest and the runtimes simple)."""
+    shapes = list(shapes)
+    if all(preferred.supports(k, n, group) for n, k in shapes):
+        return preferred
+    return K8

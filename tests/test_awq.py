@@ -1,0 +1,299 @@
+"""AWQ scale and clip passes: the Gram loss, graph-derived groups, float equivalence, and AWQ beating
+round-to-nearest where activations have salient channels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op, spec
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+
+from awqc.compiler.awq import awq_quantize, rtn, torch_weights
+from awqc.compiler.calibrate import calibrate
+from awqc.compiler.evaluate import FloatEngine
+from awqc.compiler.llama import export_model
+from awqc.compiler.model_import import load_model
+from awqc.compiler.targets import get_target
+from awqc.passes.awq_clip import diagonal_blocks, group_errors, search_layer_clip
+from awqc.passes.awq_scale import (NonFiniteError, ScaleResult, apply_scales, attention_qk_rows, fake_quantize_,
+                                   find_scaling_groups, group_loss, search_group)
+from awqc.passes.quantizer import QuantScheme, fake_quantize
+
+from conftest import make_checkpoint, rel_err
+
+
+def _salient_activations(t: int = 2048, k: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, k, generator=g)
+    x[:, :4] *= 30.0  # a few input channels with large activations, as in LLMs
+    return x
+
+
+class _Stats:
+    """Calibration statistics of explicit activations, keyed by weight name."""
+
+    def __init__(self, xs: dict[str, torch.Tensor]):
+        from awqc.compiler.calibrate import InputStats
+
+        self.by = {n: InputStats((n,), x.abs().mean(0), x.T @ x / x.shape[0], x.shape[0], x.shape[0])
+                   for n, x in xs.items()}
+
+    def of(self, name: str):
+        return self.by[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by
+
+
+# ------------------------------------------------------------------------------------------ loss
+def test_gram_loss_equals_direct_output_error() -> None:
+    x = _salient_activations()
+    w = torch.randn(96, 128) * 0.05
+    s = torch.rand(128) + 0.5
+    scheme = QuantScheme(group_size=32)
+    direct = ((x @ (fake_quantize(w * s, scheme) / s - w).T) ** 2).sum(1).mean()
+    gram = x.T @ x / x.shape[0]
+    assert group_loss(w, gram, s, scheme) == pytest.approx(float(direct), rel=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_in_place_fake_quantize_is_the_quantizer(symmetric: bool) -> None:
+    w = torch.randn(48, 128) * 0.1
+    scheme = QuantScheme(group_size=64, symmetric=symmetric)
+    clip = torch.rand(48, 2) * 0.5 + 0.5
+    assert torch.equal(fake_quantize_(w.clone(), scheme), fake_quantize(w, scheme))
+    assert torch.equal(fake_quantize_(w.clone(), scheme, clip), fake_quantize(w, scheme, clip))
+
+
+def test_clip_error_by_group_blocks_equals_direct() -> None:
+    x = _salient_activations(k=64)
+    w = torch.randn(8, 64)
+    scheme = QuantScheme(group_size=32)
+    err = group_errors(w, diagonal_blocks(x.T @ x / x.shape[0], 32), scheme, 0.8)
+    e = (fake_quantize(w, scheme, torch.full((8, 2), 0.8)) - w).reshape(8, 2, 32)
+    direct = torch.stack([((x[:, 32 * g:32 * g + 32] @ e[:, g].T) ** 2).mean(0) for g in range(2)], 1)
+    torch.testing.assert_close(err, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_clip_search_never_worse_and_keeps_frozen_rows() -> None:
+    x = _salient_activations(k=64)
+    w = torch.randn(16, 64)
+    w[0, 5] = 12.0  # an outlier weight: shrinking that group's range pays off
+    gram = x.T @ x / x.shape[0]
+    scheme = QuantScheme(group_size=32)
+    frozen = np.zeros(16, bool)
+    frozen[8:] = True
+    clip = search_layer_clip(w, gram, scheme, None, frozen)
+    blocks = diagonal_blocks(gram, 32)
+    assert bool((group_errors(w, blocks, scheme, clip) <= group_errors(w, blocks, scheme, 1.0) + 1e-9).all())
+    assert float(clip[0, 0]) < 1.0
+    assert bool((clip[8:] == 1.0).all())
+
+
+def test_search_beats_rtn_with_salient_channels() -> None:
+    from awqc.passes.awq_scale import Consumer, ScalingGroup
+
+    x = _salient_activations()
+    w = torch.randn(64, 128) * 0.05
+    group = ScalingGroup("norm.weight", "norm", (), np.arange(128), [Consumer("fc.weight", np.arange(128))])
+    res = search_group(group, {"fc.weight": w}, _Stats({"fc.weight": x}), QuantScheme(group_size=32),
+                       lambda n: True)
+    assert res.alpha > 0
+    assert res.loss < 0.7 * res.rtn_loss
+
+
+# ------------------------------------------------------------------------------------------ groups
+@pytest.fixture(scope="module")
+def tiny_bias_model(tmp_path_factory: pytest.TempPathFactory):
+    """GQA, q/k/v and o_proj biases, untied LM head: every kind of edit the scale pass makes."""
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("awq") / "ckpt", seed=3, attention_bias=True,
+                           tie_word_embeddings=False)
+    return load_model(str(ckpt))
+
+
+def _groups(model):
+    mod, named = export_model(model.config, "float32", get_target("host").target())
+    names = [n for n, _ in named]
+    return find_scaling_groups(mod["score"], names), attention_qk_rows(mod["score"], names)
+
+
+def test_groups_of_the_llama_graph(tiny_bias_model) -> None:
+    groups, qk = _groups(tiny_bias_model)
+    cfg = tiny_bias_model.config
+    found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in groups}
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}"
+        assert (f"{p}.input_layernorm.weight", (f"{p}.self_attn.qkv_proj.weight",)) in found
+        assert (f"{p}.post_attention_layernorm.weight", (f"{p}.mlp.gate_up_proj.weight",)) in found
+        assert (f"{p}.self_attn.qkv_proj.weight", (f"{p}.self_attn.o_proj.weight",)) in found
+        assert (f"{p}.mlp.gate_up_proj.weight", (f"{p}.mlp.down_proj.weight",)) in found
+    # The final norm feeds the LM head: a group, which the search skips when the head stays float.
+    assert ("norm.weight", ("lm_head.weight",)) in found
+    assert len(groups) == 4 * cfg.num_hidden_layers + 1
+    by = {g.producer: g for g in groups}
+    v = by["layers.0.self_attn.qkv_proj.weight"]
+    q_rows = cfg.num_attention_heads * cfg.head_dim
+    np.testing.assert_array_equal(v.channels, np.arange(q_rows + cfg.kv_dim, q_rows + 2 * cfg.kv_dim))
+    assert v.extra == ("layers.0.self_attn.qkv_proj.bias",)
+    # GQA: value head j feeds query heads j*g .. j*g+g-1, so o_proj column (h, d) reads value channel (h // g, d)
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    cols = v.consumers[0].columns.reshape(cfg.num_attention_heads, cfg.head_dim)
+    for h in range(cfg.num_attention_heads):
+        np.testing.assert_array_equal(cols[h], np.arange(cfg.head_dim) + (h // g) * cfg.head_dim)
+    up = by["layers.0.mlp.gate_up_proj.weight"]
+    np.testing.assert_array_equal(up.channels, np.arange(cfg.intermediate_size, 2 * cfg.intermediate_size))
+    np.testing.assert_array_equal(qk["layers.0.self_attn.qkv_proj.weight"],
+                                  np.arange(cfg.qkv_dim) < q_rows + cfg.kv_dim)
+
+
+def test_scaled_float_model_logits_match(tiny_bias_model) -> None:
+    """Arbitrary scales (not just searched ones) folded into every group leave the compiled float
+    model's logits unchanged."""
+    groups, _ = _groups(tiny_bias_model)
+    gen = torch.Generator().manual_seed(0)
+    results = {i: ScaleResult(torch.rand(len(g.channels), generator=gen) * 4 + 0.25, 0.5, 0.0, 0.0)
+               for i, g in enumerate(groups)}
+    weights = torch_weights(tiny_bias_model)
+    scaled = apply_scales(weights, groups, results)
+    assert not torch.equal(scaled["layers.0.self_attn.qkv_proj.bias"], weights["layers.0.self_attn.qkv_proj.bias"])
+    fe = FloatEngine(tiny_bias_model, context_window=128)
+    ids = list(np.random.RandomState(0).randint(3, 300, size=60))
+    ref = fe.use(None).score(ids)
+    got = fe.use(scaled).score(ids)
+    assert rel_err(got, ref) < 2e-5
+    assert torch.equal(weights["layers.0.input_layernorm.weight"],
+                       torch.from_numpy(tiny_bias_model.weights["layers.0.input_layernorm.weight"]))  # not mutated
+
+
+# -- a differently built model: renamed modules, separate q/k/v and gate/up, no pre-attention norm,
+#    a GELU MLP ---------------------------------------------------------------------------------------
+H, NH, NKV, HD, FF = 32, 4, 2, 8, 48
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        self.wq = nn.Linear(H, NH * HD, bias=False)
+        self.wk = nn.Linear(H, NKV * HD, bias=False)
+        self.wv = nn.Linear(H, NKV * HD, bias=True)
+        self.proj = nn.Linear(NH * HD, H, bias=False)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.concat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        o = kv.attention_with_fused_qkv(layer, op.reshape(qkv, (b, s, NH + 2 * NKV, HD)), NH, sm_scale=HD ** -0.5)
+        return self.proj(op.reshape(o, (b, s, NH * HD)))
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self):
+        self.w1 = nn.Linear(H, FF, bias=False)
+        self.w3 = nn.Linear(H, FF, bias=False)
+        self.w2 = nn.Linear(FF, H, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(op.silu(self.w1(x)) * self.w3(x))
+
+
+class _GeluMLP(nn.Module):
+    def __init__(self):
+        self.fc_in = nn.Linear(H, FF, bias=True)
+        self.fc_out = nn.Linear(FF, H, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_out(op.gelu(self.fc_in(x)))
+
+
+class _Block(nn.Module):
+    """Block 0: norm-free attention input, SwiGLU. Block 1: renamed norms, GELU MLP."""
+
+    def __init__(self, kind: int):
+        self.kind = kind
+        self.mixer = _Attn()
+        self.ln_ffn = nn.RMSNorm(H, -1, 1e-5, bias=False)
+        if kind == 1:
+            self.ln_mix = nn.RMSNorm(H, -1, 1e-5, bias=False)
+        self.ffn = _SwiGLU() if kind == 0 else _GeluMLP()
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer: int) -> Tensor:
+        x = x + self.mixer(x if self.kind == 0 else self.ln_mix(x), kv, layer)
+        return x + self.ffn(self.ln_ffn(x))
+
+
+class _OddModel(nn.Module):
+    def __init__(self):
+        self.tok = nn.Embedding(64, H)
+        self.blocks = nn.ModuleList([_Block(0), _Block(1)])
+        self.out_norm = nn.RMSNorm(H, -1, 1e-5, bias=False)
+        self.head = nn.Linear(H, 64, bias=False)
+
+    def score(self, input_ids: Tensor, kv: PagedKVCache):
+        x = self.tok(input_ids)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, kv, i)
+        return self.head(self.out_norm(x)), kv
+
+
+def test_groups_of_a_differently_built_model() -> None:
+    mod, named = _OddModel().export_tvm(spec={"score": {
+        "input_ids": spec.Tensor([1, "seq_len"], "int32"), "kv": spec.Object(object_type=PagedKVCache),
+        "$": {"param_mode": "packed", "effect_mode": "none"}}})
+    names = [n for n, _ in named]
+    groups = find_scaling_groups(mod["score"], names)
+    found = {g.producer: sorted(c.weight for c in g.consumers) for g in groups}
+    assert found == {
+        # block 0: no norm before attention (the embedding also feeds the residual): no input group
+        "blocks.0.mixer.wv.weight": ["blocks.0.mixer.proj.weight"],  # through concat + attention
+        "blocks.0.ln_ffn.weight": ["blocks.0.ffn.w1.weight", "blocks.0.ffn.w3.weight"],
+        "blocks.0.ffn.w3.weight": ["blocks.0.ffn.w2.weight"],  # w3 is the linear side of silu(w1)*w3
+        "blocks.1.ln_mix.weight": ["blocks.1.mixer.wk.weight", "blocks.1.mixer.wq.weight",
+                                   "blocks.1.mixer.wv.weight"],
+        "blocks.1.mixer.wv.weight": ["blocks.1.mixer.proj.weight"],
+        "blocks.1.ln_ffn.weight": ["blocks.1.ffn.fc_in.weight"],
+        # fc_in -> fc_out goes through GELU: not linear in the channel, left alone
+        "out_norm.weight": ["head.weight"],
+    }
+    by = {g.producer: g for g in groups}
+    assert by["blocks.0.mixer.wv.weight"].extra == ("blocks.0.mixer.wv.bias",)
+    assert len(by["blocks.0.mixer.wv.weight"].channels) == NKV * HD
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_awq_beats_rtn_on_a_model_with_salient_channels(tmp_path: Path) -> None:
+    model = load_model(str(make_checkpoint(tmp_path / "ckpt", seed=5)))
+    for name, w in model.weights.items():  # a few hidden channels with 20x larger activations
+        if name.endswith("layernorm.weight"):
+            w[:3] *= 20.0
+    rs = np.random.RandomState(0)
+    samples = [list(rs.randint(3, 300, size=64)) for _ in range(8)]
+    stats = calibrate(model, samples, progress=False)
+    scheme = QuantScheme(group_size=32)
+    res = awq_quantize(model, scheme, stats, progress=False)
+    assert all(r.loss <= r.rtn_loss for r in res.scales.values())
+    assert len(res.clip) == 4 * model.config.num_hidden_layers
+
+    fe = FloatEngine(model, context_window=128)
+    held_out = [list(rs.randint(3, 300, size=64)) for _ in range(3)]
+    ref = [fe.use(None).score(ids) for ids in held_out]
+
+    def error(weights) -> float:
+        engine = fe.use(weights)
+        return float(np.mean([((engine.score(ids) - r) ** 2).mean() for ids, r in zip(held_out, ref)]))
+
+    rtn_err = error(rtn(model, scheme).dequantized())
+    assert error(res.scale_only().dequantized()) < 0.8 * rtn_err
+    assert error(res.weights.dequantized()) < 0.8 * rtn_err
+
+
+def test_nan_weight_is_named(tiny_bias_model) -> None:
+    import copy
+
+    model = copy.copy(tiny_bias_model)
+    model.weights = dict(model.weights)
+    bad = model.weights["layers.1.mlp.down_proj.weight"].copy()
+    bad[0, 0] = np.nan
+    model.weights["layers.1.mlp.down_proj.weight"] = bad
+    with pytest.raises(NonFiniteError, match=r"layers\.1\.mlp\.down_proj\.weight"):
+        awq_quantize(model, QuantScheme(group_size=32), _Stats({}), progress=False)
