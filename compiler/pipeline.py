@@ -10,9 +10,8 @@ from .targets import TargetSpec
 
 
 def relax_pipeline(spec: TargetSpec) -> tvm.transform.Pass:
-    """Relax → VM bytecode + TIR for one target."""
-    if spec.device == "cuda":
-        return cuda_relax_pipeline(spec)
+    """Relax → VM bytecode + TIR for one target. The int4 linears arrive already scheduled
+    (quantize_linear marks them tirx.is_scheduled); this schedules everything else."""
     target = spec.target()
     passes = [
         # Library dispatch (sampling, sort/scan) before ops become TIR.
@@ -25,9 +24,7 @@ def relax_pipeline(spec: TargetSpec) -> tvm.transform.Pass:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        # Hand schedules for the float linear layers (NT matmuls); the int4 kernels were
-        # scheduled by the quantize_linear pass that created them.
-        cpu_schedule_pass(),
+        _schedule_pass(spec),
         # Lowering to the VM.
         relax.transform.DeadCodeElimination(),
         relax.transform.RewriteDataflowReshape(),
@@ -51,47 +48,17 @@ def relax_pipeline(spec: TargetSpec) -> tvm.transform.Pass:
     return pipeline
 
 
-# --- CUDA GPUs and Jetson ------------------------------------------------------------------------
-def cuda_relax_pipeline(spec: TargetSpec) -> tvm.transform.Pass:
-    """Relax → VM bytecode + CUDA kernels. The int4 linears arrive already scheduled (marked
-    tirx.is_scheduled by quantize_linear, so dlight leaves them alone); dlight's default GPU rules
-    schedule every other kernel (attention from the paged KV cache, norms, rotary, softmax,
-    the float LM head)."""
-    from tvm.s_tir import dlight as dl
+def _schedule_pass(spec: TargetSpec) -> tvm.transform.Pass:
+    """The target's kernel schedules for the fused PrimFuncs."""
+    if spec.device == "cuda":
+        from tvm.s_tir import dlight as dl
 
-    target = spec.target()
-    passes = [
-        relax.backend.DispatchSampling(),
-        relax.backend.DispatchSortScan(),
-        relax.transform.FuseTransposeMatmul(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        # A GPU kernel needs thread bindings: dlight gives every unscheduled PrimFunc one.
-        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                                dl.gpu.Fallback()),
-        relax.transform.DeadCodeElimination(),
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-        relax.transform.StaticPlanBlockMemory(),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ]
-
-    @tvm.transform.module_pass(opt_level=0, name="awqc_cuda_pipeline")
-    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            return tvm.transform.Sequential(passes)(mod)
-
-    return pipeline
+        # A GPU kernel needs thread bindings: dlight's default rules give every unscheduled
+        # PrimFunc (attention from the paged KV cache, norms, rotary, the float LM head) one.
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    # CPU: hand schedules for the float linear layers (NT matmuls); the rest lowers as is.
+    return cpu_schedule_pass()
 
 
 def w4_scheduler(spec: TargetSpec):
