@@ -8,11 +8,13 @@ For every shape it times, with the layout and knobs `awqc compile` would use for
     of the packed weights totalling >= 2x the LLC, so they come from DRAM as in a decode step.
     GB/s counts what a call must read: int4 values + scales + zeros (float32, group 64);
     "% BW" is that over the read bandwidth measured below, in the same process;
-  * the same GEMV in the old layout k8 (its rfactor schedule), for reference;
+  * the same GEMV in the old layout k8 (its rfactor schedule), for reference; the two are
+    timed alternately (ROUNDS rounds, one pass over the copies each), and the table gives the
+    best round and, in brackets, the median one, which shows how noisy the machine was;
   * prefill GEMM y[64, N] = x[64, K] @ W[N, K]^T (dynamic rows, run at 64) -> GFLOP/s.
 Read bandwidth: a STREAM-like probe, a TVM-compiled sum over 512 MB (16-lane vectors, four
 independent accumulators per thread, the array split across the threads), and numpy's sum
-(1 thread) as a cross-check; the best is used.
+(1 thread) as a cross-check, both before and after the kernels; the best is used.
 
 Each thread count runs in its own subprocess with TVM_NUM_THREADS set, one after the other.
 Times are the best of several repeats: the machine may be shared, so the minimum is the least
@@ -35,6 +37,7 @@ SHAPE_SETS = {
 }
 GROUP = 64
 GEMM_ROWS = 64
+ROUNDS = 7
 PROBE_FLOATS = 128 << 20  # 512 MB
 
 
@@ -81,15 +84,20 @@ def bench_shape(spec, record, name: str, k: int, n: int) -> dict:
     row = {"shape": name, "K": k, "N": n, "layout": layout.name, "MB": packed_bytes(k, n, GROUP) / 1e6,
            "exceeds_llc": packed_bytes(k, n, GROUP) > LLC_BYTES}
     weights = random_weights(layout, k, n, GROUP, copies)
+    k8_weights = random_weights(K8, k, n, GROUP, copies)
     gemv = compile_kernel(spec, layout, k, n, GROUP, 1, gemv=record.gemv_knobs(k, n))
-    row["gemv_ms"] = time_gemv(gemv, weights, k, n) * 1e3
+    k8_gemv = compile_kernel(spec, K8, k, n, GROUP, 1)
+    rounds: dict[str, list[float]] = {"gemv": [], "k8_gemv": []}
+    for _ in range(ROUNDS):  # alternate, so a busy spell on a shared machine hits both
+        rounds["gemv"].append(time_gemv(gemv, weights, k, n, repeats=1) * 1e3)
+        rounds["k8_gemv"].append(time_gemv(k8_gemv, k8_weights, k, n, repeats=1) * 1e3)
+    for name, times in rounds.items():
+        times.sort()
+        row[f"{name}_ms"], row[f"{name}_median_ms"] = times[0], times[len(times) // 2]
+        row[f"{name}_GBps"] = packed_bytes(k, n, GROUP) / times[0] / 1e6
+        row[f"{name}_median_GBps"] = packed_bytes(k, n, GROUP) / times[len(times) // 2] / 1e6
     gemm = compile_kernel(spec, layout, k, n, GROUP, None, gemm=record.gemm_knobs(k, n))
     row["gemm_ms"] = time_gemm(gemm, weights[0], k, n, GEMM_ROWS) * 1e3
-    del weights
-    k8_weights = random_weights(K8, k, n, GROUP, copies)
-    row["k8_gemv_ms"] = time_gemv(compile_kernel(spec, K8, k, n, GROUP, 1), k8_weights, k, n) * 1e3
-    row["gemv_GBps"] = packed_bytes(k, n, GROUP) / row["gemv_ms"] / 1e6
-    row["k8_gemv_GBps"] = packed_bytes(k, n, GROUP) / row["k8_gemv_ms"] / 1e6
     row["gemm_GFLOPs"] = 2 * GEMM_ROWS * k * n / row["gemm_ms"] / 1e6
     return row
 
@@ -100,8 +108,10 @@ def worker(target: str, shape_sets: list[str]) -> dict:
 
     spec = get_target(target)
     record = record_for(spec)
-    bw = bandwidth_probe(spec)
+    before = bandwidth_probe(spec)
     rows = [bench_shape(spec, record, *shape) for s in shape_sets for shape in SHAPE_SETS[s]]
+    after = bandwidth_probe(spec)  # probed before and after the kernels: the best of both is used
+    bw = {key: max(before[key], after[key]) for key in before}
     return {"machine": machine_name(), "target": record_name(spec), "record_layout": record.layout,
             "bandwidth": bw, "rows": rows}
 
@@ -121,13 +131,15 @@ def format_report(threads: int, result: dict) -> str:
     best = max(bw.values())
     lines = [f"## {threads} thread(s): read bandwidth {best:.1f} GB/s "
              f"(TVM probe {bw['tvm_GBps']:.1f}, numpy 1-thread {bw['numpy_GBps']:.1f})", "",
-             "| shape | K x N | MB read | layout | GEMV ms | GEMV GB/s | % BW | k8 GEMV GB/s | GEMM(64) ms | GEMM GFLOP/s |",
+             "| shape | K x N | MB read | layout | GEMV ms | GEMV GB/s (median) | % BW | k8 GEMV GB/s (median) "
+             "| GEMM(64) ms | GEMM GFLOP/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         big = " (> LLC)" if r["exceeds_llc"] else ""
         lines.append(f"| {r['shape']} | {r['K']}x{r['N']} | {r['MB']:.1f}{big} | {r['layout']} | {r['gemv_ms']:.3f} | "
-                     f"{r['gemv_GBps']:.1f} | {100 * r['gemv_GBps'] / best:.0f}% | {r['k8_gemv_GBps']:.1f} | "
-                     f"{r['gemm_ms']:.3f} | {r['gemm_GFLOPs']:.0f} |")
+                     f"{r['gemv_GBps']:.1f} ({r['gemv_median_GBps']:.1f}) | {100 * r['gemv_GBps'] / best:.0f}% | "
+                     f"{r['k8_gemv_GBps']:.1f} ({r['k8_gemv_median_GBps']:.1f}) | {r['gemm_ms']:.3f} | "
+                     f"{r['gemm_GFLOPs']:.0f} |")
     return "\n".join(lines)
 
 
