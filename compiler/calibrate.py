@@ -198,7 +198,7 @@ def collect_stats(runner: CalibrationRunner, samples: Sequence[Sequence[int]],
 
     The taps of a sample are split over one Python thread per core, each running torch
     single-threaded (see awq_scale.thread_map for why); TVM's forward pass keeps its own threads."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     from tqdm import tqdm
 
@@ -218,8 +218,12 @@ def collect_stats(runner: CalibrationRunner, samples: Sequence[Sequence[int]],
                 rows = torch.randperm(len(ids), generator=gen)[:gram_tokens].sort().values
             # Largest first, so the threads finish together.
             order = sorted(range(len(accs)), key=lambda j: -accs[j].tap.features)
-            for f in [pool.submit(accs[j].add, acts[j], rows, i) for j in order]:
-                f.result()  # every view of this sample's outputs is consumed before the next run
+            futures = {j: pool.submit(accs[j].add, acts[j], rows, i) for j in order}
+            # Wait for all (every view of this sample's outputs is consumed before the next run),
+            # then report the first failing tap in model order, whichever thread finished first.
+            wait(futures.values())
+            for j in range(len(accs)):
+                futures[j].result()
             del acts
             t_forward += t1 - t0
             t_stats += time.perf_counter() - t1

@@ -44,7 +44,7 @@ def eval_windows(engine: Any, text: str | Path | None = None, n_windows: int | N
         return engine.tokenizer.encode(s, add_special_tokens=False).ids
 
     return token_windows(tokenize(encode, body), window_len, n_windows, what="evaluation text",
-                         hint=" (--text FILE, or a shorter --window-len)")
+                         hint=" (--text FILE, or a shorter --window-len)", unit="window")
 
 
 def perplexity(engine: Any, windows: Sequence[Sequence[int]], progress: bool = True, desc: str = "eval") -> Perplexity:

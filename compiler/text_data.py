@@ -62,7 +62,7 @@ def tokenize(encode: Callable[[str], list[int]], text: str, chunk_chars: int = 1
 
 
 def token_windows(ids: Sequence[int], length: int, count: int | None, what: str = "text",
-                  hint: str = "") -> list[list[int]]:
+                  hint: str = "", unit: str = "sample") -> list[list[int]]:
     """`count` non-overlapping windows of `length` tokens, spread evenly over `ids` (all of them when
     count is None). Fewer windows than asked when the text is short; an error when not even one fits."""
     if length < 2:
@@ -70,7 +70,7 @@ def token_windows(ids: Sequence[int], length: int, count: int | None, what: str 
     available = len(ids) // length
     if available < 1:
         raise TextError(
-            f"the {what} has {len(ids)} tokens, shorter than one sample of {length} tokens; "
+            f"the {what} has {len(ids)} tokens, shorter than one {unit} of {length} tokens; "
             f"give at least {length} tokens of text{hint}")
     n = available if count is None else min(count, available)
     # Window i starts at the i-th of n evenly spaced slots among the `available` aligned ones.

@@ -3,14 +3,18 @@ module pass that puts it in place of TVM's.
 
 TVM 0.27's CPU prefill kernel (`_attention_prefill_ragged_cpu`, registered in the module as
 `batch_prefill_ragged_kv`) is one serial scalar loop nest that also evaluates the masked half of
-the causal score matrix: on SmolLM2-135M it takes ~2.7 s of a 5.4 s 512-token forward pass, so
-calibration (128 × 512 tokens) and perplexity evaluation spend half their time in it.
+the causal score matrix, and the RoPE kernel (`fused_rope`) is serial too: on SmolLM2-135M the
+attention call took ~2.7 s of a 5.4 s 512-token forward pass (2 cores), so calibration
+(128 × 512 tokens) and perplexity evaluation spent half their time in it.
 
 This kernel computes the same function (same signature, outputs and log2-domain LSE) as a
 flash-attention loop on the CPU: tasks (kv head, block of `qb` query positions) run in parallel;
 each loads a tile of `kt` keys transposed once and scores all g·qb query rows of the GQA group
-against it with vector FMAs across the keys, then updates an online softmax and accumulates
-p · v with vector FMAs across the head dim. Keys past a row's causal limit are skipped.
+against it with vector FMAs across the keys, then updates an online softmax (exp2 by a
+polynomial, vectorized) and accumulates p · v with vector FMAs across the head dim. Keys past a
+row's causal limit are skipped. Measured on the 2-core host (512 tokens, 9 query / 3 KV heads,
+head dim 64, one layer): 144 ms → 9-12 ms; with `fused_rope` run in parallel over tokens the
+whole attention call of a SmolLM2 forward went from ~2.7 s to ~0.4-0.7 s.
 
 Only rotary_mode 0 is supported (RoPE applied before attention, the cache's NORMAL mode that awqc
 uses); the kernel refuses rotary_mode 1 with an assertion rather than compute without RoPE.
@@ -187,7 +191,7 @@ def parallel_rope(mod: tvm.IRModule, target: tvm.target.Target | None) -> tvm.IR
         sch = tvm.s_tir.Schedule(func)
         loops = sch.get_loops(sch.get_sblock("llama_fused_rope"))
         sch.parallel(loops[0])
-    except (tvm.error.TVMError, ValueError):  # another TVM's kernel: leave it as it is
+    except (tvm.s_tir.ScheduleError, RuntimeError, ValueError):  # another TVM's kernel: leave it as it is
         return mod
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     mod[gvs[0]] = sch.mod["main"].with_attr("tirx.is_scheduled", True)

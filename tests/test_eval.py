@@ -66,7 +66,7 @@ def test_cli_errors(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureF
     short = tmp_path / "short.txt"
     short.write_text("too short")
     assert main(["eval", str(tiny_artifact), "--text", str(short), "--window-len", "64"]) == 2
-    assert "shorter than one sample of 64 tokens" in capsys.readouterr().err
+    assert "shorter than one window of 64 tokens" in capsys.readouterr().err
 
 
 def test_gap_closed() -> None:
