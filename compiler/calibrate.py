@@ -27,7 +27,6 @@ import torch
 
 from awqc.passes.awq_scale import torch_threads
 from awqc.passes.calibration_taps import CALIBRATE, Tap, add_calibration_function
-from awqc.passes.cpu_attention import fast_cpu_attention
 from awqc.passes.quantizer import is_quantized_linear
 
 from .model_import import ImportedModel
@@ -129,7 +128,6 @@ class CalibrationRunner:
         mod, named = export_model(model.config, "float32", spec.target())
         self.param_names = [n for n, _ in named]
         mod, self.taps = add_calibration_function(mod, self.param_names, select)
-        mod = fast_cpu_attention(mod, spec.target())  # half of a CPU forward pass is attention otherwise
         ex = tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
         self.device = tvm.cpu()
         self.vm = VirtualMachine(ex, self.device)

@@ -14,6 +14,8 @@ from tvm.relax.frontend.nn import Tensor, op, spec
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
+from awqc.passes.cpu_attention import use_cpu_rope
+
 from .config import ModelConfig
 
 
@@ -147,4 +149,7 @@ def export_model(cfg: ModelConfig, dtype: str, target: Target,
                  separate_head: bool = False) -> tuple[Any, list[tuple[str, Any]]]:
     """The Relax IRModule of the model and its parameter list (name, nn.Parameter) in call order."""
     model = LlamaForCausalLM(cfg, dtype, target, separate_head)
-    return model.export_tvm(spec=export_spec())
+    mod, params = model.export_tvm(spec=export_spec())
+    if target.kind.name == "llvm":  # the KV cache's RoPE kernel needs the model's RoPE parameters
+        mod = use_cpu_rope(mod, cfg.rope_theta, *_tvm_rope(cfg.rope_scaling))
+    return mod, params

@@ -1,23 +1,23 @@
-"""A parallel, vectorized CPU kernel for the paged KV cache's ragged prefill attention, and the
-module pass that puts it in place of TVM's.
+"""CPU kernels for the paged KV cache in place of TVM 0.27's serial scalar ones: ragged prefill
+attention, paged decode attention, and the q/k/v split + RoPE.
 
-TVM 0.27's CPU prefill kernel (`_attention_prefill_ragged_cpu`, registered in the module as
-`batch_prefill_ragged_kv`) is one serial scalar loop nest that also evaluates the masked half of
-the causal score matrix, and the RoPE kernel (`fused_rope`) is serial too: on SmolLM2-135M the
-attention call took ~2.7 s of a 5.4 s 512-token forward pass (2 cores), so calibration
-(128 × 512 tokens) and perplexity evaluation spent half their time in it.
+TVM's CPU prefill kernel (`batch_prefill_ragged_kv`) is one serial scalar loop nest that also
+evaluates the masked half of the causal score matrix, its decode kernel (`batch_decode_paged_kv_cpu`)
+is scalar and rescales the softmax per token, and its RoPE kernel (`fused_rope`) calls cos and sin
+per element. On SmolLM2-135M the attention call took ~2.7 s of a 5.4 s 512-token forward pass
+(2 cores), and 88 µs of each layer's decode step.
 
-This kernel computes the same function (same signature, outputs and log2-domain LSE) as a
-flash-attention loop on the CPU: tasks (kv head, block of `qb` query positions) run in parallel;
-each loads a tile of `kt` keys transposed once and scores all g·qb query rows of the GQA group
-against it with vector FMAs across the keys, then updates an online softmax (exp2 by a
-polynomial, vectorized) and accumulates p · v with vector FMAs across the head dim. Keys past a
-row's causal limit are skipped. Measured on the 2-core host (512 tokens, 9 query / 3 KV heads,
-head dim 64, one layer): 144 ms → 9-12 ms; with `fused_rope` run in parallel over tokens the
-whole attention call of a SmolLM2 forward went from ~2.7 s to ~0.4-0.7 s.
+The attention kernels compute the same functions (same signatures, outputs and log2-domain LSE)
+as flash-attention loops: tasks (kv head, block of query positions) run in parallel; each loads a
+tile of keys transposed once and scores all query rows of the GQA group against it with vector
+FMAs across the keys, then updates an online softmax once per tile (exp2 by a polynomial,
+vectorized) and accumulates p · v with vector FMAs across the head dim. Keys past a row's causal
+limit are skipped. Measured on the 2-core host, one layer (9 query / 3 KV heads, head dim 64):
+prefill of 512 tokens 144 ms → 9-12 ms; decode at 160 cached tokens 135 µs → 27 µs; RoPE of one
+token 9 µs → 1.2 µs.
 
 Only rotary_mode 0 is supported (RoPE applied before attention, the cache's NORMAL mode that awqc
-uses); the kernel refuses rotary_mode 1 with an assertion rather than compute without RoPE.
+uses); the kernels refuse rotary_mode 1 with an assertion rather than compute without RoPE.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import tvm
 from tvm.script import tirx as T
 
 RAGGED_PREFILL = "batch_prefill_ragged_kv"
+DECODE_PAGED = "batch_decode_paged_kv_cpu"
 FUSED_ROPE = "fused_rope"
 _LOG2E = math.log2(math.e)
 _MASKED = -5e4  # the value TVM's kernels give masked scores (exp2 of it is 0)
@@ -152,59 +153,219 @@ def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", qb: 
     return batch_prefill_ragged_kv
 
 
+def decode_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "float32"):
+    """The decode kernel (one query token per sequence, keys and values in the paged cache) for h_q
+    query heads sharing h_kv key/value heads of dimension d, pages of `page_size` tokens.
+
+    Same signature and outputs as TVM's `batch_decode_paged_kv_cpu` (non-sliding-window). Tasks
+    (sequence, kv head) run in parallel; each walks the sequence's pages, transposes a page's keys
+    once, scores the g query heads of the group against its tokens with vector FMAs across the
+    tokens, then updates an online softmax once per page and accumulates p · v with vector FMAs
+    across the head dim. TVM's kernel is scalar, serial, and rescales per token."""
+    g = h_q // h_kv
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv(
+        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
+        var_length_info: T.handle, var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",  # noqa: F841 (signature)
+                                           elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (batch_size,), "int32",  # noqa: F841
+                                         elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+
+        assert rotary_mode == 0, "awqc's CPU decode attention expects RoPE applied before attention"
+        for task in T.parallel(batch_size * h_kv):
+            with T.sblock("attn"):
+                T.reads()
+                T.writes()
+                kt_buf = T.sblock_alloc_buffer((d, page_size), "float32")
+                s = T.sblock_alloc_buffer((g, page_size), "float32")
+                acc = T.sblock_alloc_buffer((g, d), "float32")
+                m = T.sblock_alloc_buffer((g,), "float32")
+                l_sum = T.sblock_alloc_buffer((g,), "float32")
+                tmp = T.sblock_alloc_buffer((2,), "float32")
+                b: T.let[T.int32] = task // h_kv
+                hk: T.let[T.int32] = task % h_kv
+                p_begin: T.let[T.int32] = page_indptr[b]
+                n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                for r in T.serial(g):
+                    m[r] = T.float32(_MASKED)
+                    l_sum[r] = T.float32(0)
+                    for i in T.vectorized(d):
+                        acc[r, i] = T.float32(0)
+                for pi in T.serial(n_pages):
+                    page: T.let[T.int32] = page_values[p_begin + pi]
+                    n_tok: T.let[T.int32] = T.if_then_else(pi == n_pages - 1, last_page_len[b], page_size)
+                    for j in T.serial(page_size):
+                        for i in T.serial(d):
+                            kt_buf[i, j] = T.Cast("float32", pages[page, 0, hk, j, i])
+                    for r in T.serial(g):
+                        for j in T.vectorized(page_size):
+                            s[r, j] = T.float32(0)
+                        for i in T.serial(d):
+                            for j in T.vectorized(page_size):
+                                s[r, j] = s[r, j] + T.Cast("float32", q[b, hk * g + r, i]) * kt_buf[i, j]
+                        for j in T.vectorized(page_size):
+                            s[r, j] = T.if_then_else(j < n_tok, s[r, j] * sm_scale * T.float32(_LOG2E),
+                                                     T.float32(_MASKED))
+                        tmp[0] = m[r]
+                        for j in T.serial(page_size):
+                            tmp[0] = T.max(tmp[0], s[r, j])
+                        tmp[1] = _exp2(m[r] - tmp[0])  # rescales what was accumulated so far
+                        l_sum[r] = l_sum[r] * tmp[1]
+                        for i in T.vectorized(d):
+                            acc[r, i] = acc[r, i] * tmp[1]
+                        m[r] = tmp[0]
+                        for j in T.vectorized(page_size):
+                            s[r, j] = T.if_then_else(j < n_tok, _exp2(s[r, j] - tmp[0]), T.float32(0))
+                        for j in T.serial(page_size):
+                            l_sum[r] = l_sum[r] + s[r, j]
+                        for j in T.serial(n_tok):
+                            for i in T.vectorized(d):
+                                acc[r, i] = acc[r, i] + s[r, j] * T.Cast("float32", pages[page, 1, hk, j, i])
+                for r in T.serial(g):
+                    for i in T.vectorized(d):
+                        output[b, hk * g + r, i] = T.Cast(
+                            dtype, T.if_then_else(l_sum[r] > 0, acc[r, i] / l_sum[r], T.float32(0)))
+                    lse[b, hk * g + r] = T.if_then_else(l_sum[r] > 0, m[r] + T.log2(l_sum[r]), T.float32(_MASKED))
+
+    return batch_decode_paged_kv
+
+
+def rope_cpu(theta: float, scale: float, head_dim: int, h_q: int, h_kv: int, dtype: str,
+             rope_scaling: dict, rotary_dim: int):
+    """The KV cache's q/k/v split + RoPE kernel (same signature as TVM's `fused_rope`), with the
+    cos/sin of each (token, dim) computed once and shared by all q and k heads: TVM's kernel calls
+    cos and sin per element, 12× more libm calls on SmolLM2, ~30 µs per layer of a decode step.
+    The frequencies come from TVM's own `switch_rope_freq_func`, so every RoPE scaling the KV
+    cache supports gives the same angles. Parallel over tokens."""
+    from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
+
+    fused = h_q + 2 * h_kv
+    half = rotary_dim // 2
+    freq = switch_rope_freq_func(rope_scaling)
+
+    def cos_sin(pos, d):
+        c, sn, var_map = freq(pos * T.float32(scale), d, rotary_dim, theta, "float32")
+        for var, value in var_map.items():
+            c, sn = tvm.tirx.Let(var, value, c), tvm.tirx.Let(var, value, sn)
+        return c, sn
+
+    @T.prim_func(s_tir=True)
+    def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
+                   var_v: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, fused, head_dim), dtype)
+        q = T.match_buffer(var_q, (seq_len, h_q, head_dim), dtype)
+        k = T.match_buffer(var_k, (seq_len, h_kv, head_dim), dtype)
+        v = T.match_buffer(var_v, (seq_len, h_kv, head_dim), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        for s in T.parallel(seq_len):
+            with T.sblock("rope"):
+                T.reads()
+                T.writes()
+                cs = T.sblock_alloc_buffer((2, rotary_dim), "float32")
+                rot = T.sblock_alloc_buffer((fused, head_dim), "float32")
+                for d in T.serial(rotary_dim):
+                    cs[0, d] = cos_sin(position_map[s], d)[0]
+                    cs[1, d] = cos_sin(position_map[s], d)[1]
+                for h, d in T.grid(h_q + h_kv, head_dim):
+                    rot[h, d] = T.Cast("float32", qkv[s, h, d])
+                if apply_rope > 0:
+                    for h in T.serial(h_q + h_kv):
+                        for d in T.vectorized(half):
+                            rot[h, d] = cs[0, d] * T.Cast("float32", qkv[s, h, d]) \
+                                - cs[1, d] * T.Cast("float32", qkv[s, h, d + half])
+                        for d in T.vectorized(half):
+                            rot[h, d + half] = cs[0, d + half] * T.Cast("float32", qkv[s, h, d + half]) \
+                                + cs[1, d + half] * T.Cast("float32", qkv[s, h, d])
+                for h, d in T.grid(h_q, head_dim):
+                    q[s, h, d] = T.Cast(dtype, rot[h, d])
+                for h, d in T.grid(h_kv, head_dim):
+                    k[s, h, d] = T.Cast(dtype, rot[h_q + h, d])
+                    v[s, h, d] = qkv[s, h_q + h_kv + h, d]
+
+    return fused_rope
+
+
 def _shape_of(func: tvm.tirx.PrimFunc, index: int) -> list:
     return list(func.params[index].shape)  # TVM 0.27: a buffer parameter carries its shape
 
 
-def use_cpu_prefill_attention(mod: tvm.IRModule, target: tvm.target.Target | None) -> tvm.IRModule:
-    """Replace the KV cache's CPU ragged-prefill kernel (if the module has it) with the parallel one;
-    only for CPU (llvm) targets, whose KV cache uses the CPU kernel."""
-    gvs = [gv for gv in mod.get_global_vars() if gv.name_hint == RAGGED_PREFILL]
-    if not gvs or target is None or target.kind.name != "llvm":
+def _replace_kernel(mod: tvm.IRModule, name: str, n_params: int, make) -> tvm.IRModule:
+    """mod with the PrimFunc `name` (if present, with `n_params` parameters, as TVM 0.27 makes it)
+    replaced by make(h_kv, h_q, d, page_size, dtype); page_size is None for the ragged kernel."""
+    gvs = [gv for gv in mod.get_global_vars() if gv.name_hint == name]
+    if not gvs or not isinstance(mod[gvs[0]], tvm.tirx.PrimFunc) or len(mod[gvs[0]].params) != n_params:
         return mod
     old = mod[gvs[0]]
-    if not isinstance(old, tvm.tirx.PrimFunc) or len(old.params) != 14:
+    q_shape, kv_shape = _shape_of(old, 0), _shape_of(old, 1 if name == DECODE_PAGED else 2)
+    h_q, d = int(q_shape[1]), int(q_shape[2])
+    h_kv = int(kv_shape[2] if name == DECODE_PAGED else kv_shape[1])
+    if h_q % h_kv or int(kv_shape[-1]) != d:
         return mod
-    q_shape, k_shape = _shape_of(old, 0), _shape_of(old, 2)
-    dtype = str(old.params[0].dtype)
-    h_q, d, h_kv = int(q_shape[1]), int(q_shape[2]), int(k_shape[1])
-    if h_q % h_kv or int(_shape_of(old, 3)[2]) != d:
-        return mod
-    new = prefill_ragged_cpu(h_kv, h_q, d, dtype)
+    page_size = int(kv_shape[3]) if name == DECODE_PAGED else None
+    return _swap(mod, gvs[0], make(h_kv, h_q, d, page_size, str(old.params[0].dtype)))
+
+
+def _swap(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, new: tvm.tirx.PrimFunc) -> tvm.IRModule:
+    old = mod[gv]
     if old.attrs is not None and "global_symbol" in old.attrs:
         new = new.with_attr("global_symbol", old.attrs["global_symbol"])
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)  # passes must not mutate their input
-    mod[gvs[0]] = new
+    mod[gv] = new
     return mod
 
 
-def parallel_rope(mod: tvm.IRModule, target: tvm.target.Target | None) -> tvm.IRModule:
-    """Run the KV cache's RoPE kernel (q/k/v split + rotation, cos/sin per element) in parallel over
-    tokens on CPU: it is a serial loop nest and took ~1 s of a 512-token SmolLM2 forward pass."""
+def use_cpu_attention_kernels(mod: tvm.IRModule, target: tvm.target.Target | None) -> tvm.IRModule:
+    """Replace the KV cache's CPU ragged-prefill and paged-decode kernels (where the module has
+    them) with the parallel ones; only for CPU (llvm) targets, whose KV cache uses them."""
+    if target is None or target.kind.name != "llvm":
+        return mod
+    mod = _replace_kernel(mod, RAGGED_PREFILL, 14, lambda hkv, hq, d, _p, dt: prefill_ragged_cpu(hkv, hq, d, dt))
+    return _replace_kernel(mod, DECODE_PAGED, 13, decode_paged_cpu)
+
+
+def use_cpu_rope(mod: tvm.IRModule, theta: float, scale: float, rope_scaling: dict) -> tvm.IRModule:
+    """Replace the KV cache's q/k/v split + RoPE kernel (TVM's `fused_rope`, if the module has it)
+    with `rope_cpu`; the shapes come from the old kernel, the RoPE parameters from the model, as
+    the KV cache was given them."""
     gvs = [gv for gv in mod.get_global_vars() if gv.name_hint == FUSED_ROPE]
-    if not gvs or target is None or target.kind.name != "llvm":
+    if not gvs or not isinstance(mod[gvs[0]], tvm.tirx.PrimFunc) or len(mod[gvs[0]].params) != 6:
         return mod
-    func = mod[gvs[0]]
-    if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and "tirx.is_scheduled" in func.attrs):
+    old = mod[gvs[0]]
+    fused, head_dim = (int(x) for x in _shape_of(old, 0)[1:])
+    h_q, h_kv = int(_shape_of(old, 2)[1]), int(_shape_of(old, 3)[1])
+    if fused != h_q + 2 * h_kv:
         return mod
-    try:
-        sch = tvm.s_tir.Schedule(func)
-        loops = sch.get_loops(sch.get_sblock("llama_fused_rope"))
-        sch.parallel(loops[0])
-    except (tvm.s_tir.ScheduleError, RuntimeError, ValueError):  # another TVM's kernel: leave it as it is
-        return mod
-    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-    mod[gvs[0]] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    return mod
-
-
-def fast_cpu_attention(mod: tvm.IRModule, target: tvm.target.Target | None) -> tvm.IRModule:
-    """Both: the parallel prefill kernel and the parallel RoPE kernel (CPU targets only)."""
-    return parallel_rope(use_cpu_prefill_attention(mod, target), target)
+    return _swap(mod, gvs[0], rope_cpu(theta, scale, head_dim, h_q, h_kv, str(old.params[0].dtype),
+                                       rope_scaling, head_dim))
 
 
 @tvm.transform.module_pass(opt_level=0, name="awqc.FastCPUAttention")
 def FastCPUAttention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: N802
-    """Module pass form of `fast_cpu_attention` for the current target (for compiler/pipeline.py,
+    """Module pass form of `use_cpu_attention_kernels` for the current target (for compiler/pipeline.py,
     anywhere before LegalizeOps)."""
-    return fast_cpu_attention(mod, tvm.target.Target.current(allow_none=True))
+    return use_cpu_attention_kernels(mod, tvm.target.Target.current(allow_none=True))
