@@ -249,3 +249,18 @@ def calibrate(model: ImportedModel, samples: Sequence[Sequence[int]], quantize_h
     stats = collect_stats(runner, samples, gram_tokens, progress=progress)
     stats.seconds["compile"] = t_compile
     return stats
+
+
+def calibration_stats(model: ImportedModel, calib_text: str | Path | None = None, n_samples: int = DEFAULT_SAMPLES,
+                      seq_len: int = DEFAULT_SEQ_LEN, quantize_head: bool = False,
+                      gram_tokens: int | None = DEFAULT_GRAM_TOKENS, cache: str | Path | None = None,
+                      progress: bool = True) -> CalibrationStats:
+    """The statistics of `model` on its calibration text, read from `cache` if that file exists
+    (else computed, and written there when a path is given)."""
+    if cache is not None and Path(cache).is_file():
+        return CalibrationStats.load(cache)
+    stats = calibrate(model, load_samples(model, calib_text, n_samples, seq_len), quantize_head, gram_tokens,
+                      progress=progress)
+    if cache is not None:
+        stats.save(cache)
+    return stats

@@ -37,11 +37,25 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt + generation the artifact serves (default: the model's, at most 4096)")
     p.add_argument("--quant", default="none",
                    help="weight quantization: none (float), or METHOD-wBITSgGROUP[-sym] with METHOD rtn "
-                        "(round to nearest), e.g. rtn-w4g64; linears then run as int4 kernels")
+                        "(round to nearest) or awq (activation-aware: scale + clip search on the calibration "
+                        "text), e.g. awq-w4g64; linears then run as int4 kernels")
     p.add_argument("--quantize-head", action="store_true",
-                   help="also quantize the LM head (a tied head gets its own int4 copy; the embedding stays float)")
+                   help="also quantize the LM head (a tied head gets its own int4 copy, round-to-nearest; "
+                        "the embedding stays float)")
+    _add_calibration_args(p)
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.set_defaults(func=cmd_compile)
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-text", type=Path, default=None,
+                   help="calibration text file for AWQ (default: the Python library reference)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--gram-tokens", type=int, default=128,
+                   help="tokens per sample for the input Gram matrices (default 128; 0: all)")
+    p.add_argument("--calib-stats", type=Path, default=None,
+                   help="calibration statistics cache: read if it exists, else written")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -79,17 +93,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     window = args.context_window or min(model.config.max_position_embeddings, 4096)
     if window < 1:
         raise ValueError(f"--context-window must be positive, got {window}")
-    quant = quantize_model(model, method, scheme, args.quantize_head) if scheme else None
+    stats = None
+    if method == "awq":  # check every layer's group size before the calibration, which takes minutes
+        from awqc.passes.quantizer import is_quantized_linear
+
+        from .calibrate import calibration_stats
+
+        for name, w in model.weights.items():
+            if is_quantized_linear(name, tuple(w.shape), args.quantize_head):
+                scheme.check_layer(name, w.shape[1])
+
+        stats = calibration_stats(model, args.calib_text, args.calib_samples, args.calib_seq_len, args.quantize_head,
+                                  args.gram_tokens or None, args.calib_stats)
+    quant = quantize_model(model, method, scheme, args.quantize_head, stats) if scheme else None
     write_artifact(args.output, model, spec, args.dtype, window, force=args.force, quant=quant, method=method)
     print(f"wrote {args.output} (target {spec.name}, {args.dtype}) in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
-QUANT_METHODS = ("rtn",)
+QUANT_METHODS = ("rtn", "awq")
 
 
 def parse_quant(text: str):
-    """'none' → (None, None); 'rtn-w4g64' → ('rtn', QuantScheme(4, 64))."""
+    """'none' → (None, None); 'awq-w4g64' → ('awq', QuantScheme(4, 64))."""
     from awqc.passes.quantizer import QuantScheme
 
     if text == "none":
@@ -97,19 +123,30 @@ def parse_quant(text: str):
     method, _, scheme = text.partition("-")
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r} in --quant {text}; "
-                         f"known: {', '.join(QUANT_METHODS)} (e.g. rtn-w4g64) or none")
+                         f"known: {', '.join(QUANT_METHODS)} (e.g. awq-w4g64) or none")
     return method, QuantScheme.parse(scheme)
 
 
-def quantize_model(model, method: str, scheme, quantize_head: bool):
+def quantize_model(model, method: str, scheme, quantize_head: bool = False, stats=None):
+    """The model's quantized weights: round-to-nearest, or AWQ from calibration `stats`."""
     import torch
 
-    from awqc.passes.quantizer import rtn_quantize
+    from awqc.passes.quantizer import QuantizedWeights, quantize, rtn_quantize
 
     weights = {name: torch.from_numpy(w) for name, w in model.weights.items()}
-    if quantize_head and "lm_head.weight" not in weights:  # tied: the head gets its own quantized copy
+    tied_head = quantize_head and "lm_head.weight" not in weights
+    if tied_head:  # the head gets its own quantized copy
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    return rtn_quantize(weights, scheme, quantize_head)
+    if method == "rtn":
+        return rtn_quantize(weights, scheme, quantize_head)
+    from .awq import awq_quantize
+
+    result = awq_quantize(model, scheme, stats, clip=True, quantize_head=quantize_head).weights
+    if not tied_head:
+        return result
+    # AWQ searched the body; the tied head's copy is rounded to nearest (the embedding stays float).
+    head = {"lm_head.weight": quantize(weights["lm_head.weight"], scheme)}
+    return QuantizedWeights(scheme, {**result.quantized, **head}, result.floats)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -152,14 +189,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", type=Path, default=None, help="evaluation text file (default: Python tutorial/FAQ/HOWTOs)")
     p.add_argument("--windows", type=int, default=40, help="number of windows, spread over the text (default 40; 0: all)")
     p.add_argument("--window-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--calib-text", type=Path, default=None,
-                   help="calibration text file (default: the Python library reference)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
-    p.add_argument("--gram-tokens", type=int, default=128,
-                   help="tokens per sample for the input Gram matrices (default 128; 0: all)")
-    p.add_argument("--calib-stats", type=Path, default=None,
-                   help="calibration statistics cache: read if it exists, else written")
+    _add_calibration_args(p)
     p.add_argument("--quantize-head", action="store_true", help="also quantize an untied LM head")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

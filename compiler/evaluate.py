@@ -152,19 +152,13 @@ class QualityRun:
         self._awq: dict[Any, Any] = {}
 
     def stats(self):
-        from .calibrate import CalibrationStats, calibrate, load_samples
+        from .calibrate import calibration_stats
 
         if self._stats is None:
-            cache = Path(self.s.calib_stats) if self.s.calib_stats else None
             t0 = time.perf_counter()
-            if cache is not None and cache.is_file():
-                self._stats = CalibrationStats.load(cache)
-            else:
-                samples = load_samples(self.model, self.s.calib_text, self.s.calib_samples, self.s.calib_seq_len)
-                self._stats = calibrate(self.model, samples, self.s.quantize_head, self.s.gram_tokens,
-                                        progress=self.s.progress)
-                if cache is not None:
-                    self._stats.save(cache)
+            s = self.s
+            self._stats = calibration_stats(self.model, s.calib_text, s.calib_samples, s.calib_seq_len,
+                                            s.quantize_head, s.gram_tokens, s.calib_stats, s.progress)
             self.calib_seconds = time.perf_counter() - t0
         return self._stats
 
