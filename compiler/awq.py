@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -49,8 +49,18 @@ def torch_weights(model: ImportedModel) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in model.weights.items()}
 
 
-def quantized_names(weights: dict[str, torch.Tensor], quantize_head: bool = False) -> list[str]:
+def quantized_names(weights: Mapping[str, Any], quantize_head: bool = False) -> list[str]:
+    """The linears that get quantized (weights: torch tensors or numpy arrays)."""
     return [n for n, w in weights.items() if is_quantized_linear(n, tuple(w.shape), quantize_head)]
+
+
+def check_group_sizes(weights: Mapping[str, Any], scheme: QuantScheme, quantize_head: bool = False) -> list[str]:
+    """The quantized linears' names, after checking the group size divides each one's input
+    dimension (an error names the layer and the sizes that work)."""
+    names = quantized_names(weights, quantize_head)
+    for n in names:
+        scheme.check_layer(n, weights[n].shape[1])
+    return names
 
 
 def _score_function(model: ImportedModel):
@@ -64,9 +74,7 @@ def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationSt
     clipping ranges, quantize every linear weight."""
     t0 = time.perf_counter()
     weights = torch_weights(model)
-    names = quantized_names(weights, quantize_head)
-    for n in names:
-        scheme.check_layer(n, weights[n].shape[1])
+    names = check_group_sizes(weights, scheme, quantize_head)
     check_finite_weights(weights, list(weights))
     func, param_names = _score_function(model)
     groups = find_scaling_groups(func, param_names)

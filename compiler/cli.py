@@ -94,15 +94,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if window < 1:
         raise ValueError(f"--context-window must be positive, got {window}")
     stats = None
-    if method == "awq":  # check every layer's group size before the calibration, which takes minutes
-        from awqc.passes.quantizer import is_quantized_linear
-
+    if method == "awq":
+        from .awq import check_group_sizes
         from .calibrate import calibration_stats
 
-        for name, w in model.weights.items():
-            if is_quantized_linear(name, tuple(w.shape), args.quantize_head):
-                scheme.check_layer(name, w.shape[1])
-
+        check_group_sizes(model.weights, scheme, args.quantize_head)  # before the minutes of calibration
         stats = calibration_stats(model, args.calib_text, args.calib_samples, args.calib_seq_len, args.quantize_head,
                                   args.gram_tokens or None, args.calib_stats)
     quant = quantize_model(model, method, scheme, args.quantize_head, stats) if scheme else None

@@ -314,20 +314,13 @@ def _shape_of(func: tvm.tirx.PrimFunc, index: int) -> list:
     return list(func.params[index].shape)  # TVM 0.27: a buffer parameter carries its shape
 
 
-def _replace_kernel(mod: tvm.IRModule, name: str, n_params: int, make) -> tvm.IRModule:
-    """mod with the PrimFunc `name` (if present, with `n_params` parameters, as TVM 0.27 makes it)
-    replaced by make(h_kv, h_q, d, page_size, dtype); page_size is None for the ragged kernel."""
-    gvs = [gv for gv in mod.get_global_vars() if gv.name_hint == name]
-    if not gvs or not isinstance(mod[gvs[0]], tvm.tirx.PrimFunc) or len(mod[gvs[0]].params) != n_params:
-        return mod
-    old = mod[gvs[0]]
-    q_shape, kv_shape = _shape_of(old, 0), _shape_of(old, 1 if name == DECODE_PAGED else 2)
-    h_q, d = int(q_shape[1]), int(q_shape[2])
-    h_kv = int(kv_shape[2] if name == DECODE_PAGED else kv_shape[1])
-    if h_q % h_kv or int(kv_shape[-1]) != d:
-        return mod
-    page_size = int(kv_shape[3]) if name == DECODE_PAGED else None
-    return _swap(mod, gvs[0], make(h_kv, h_q, d, page_size, str(old.params[0].dtype)))
+def _kernel(mod: tvm.IRModule, name: str, n_params: int) -> tvm.ir.GlobalVar | None:
+    """The KV cache's PrimFunc `name`, if the module has it with the `n_params` parameters TVM 0.27
+    gives it (another TVM's kernel is left alone)."""
+    gv = next((gv for gv in mod.get_global_vars() if gv.name_hint == name), None)
+    if gv is None or not isinstance(mod[gv], tvm.tirx.PrimFunc) or len(mod[gv].params) != n_params:
+        return None
+    return gv
 
 
 def _swap(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, new: tvm.tirx.PrimFunc) -> tvm.IRModule:
@@ -344,24 +337,35 @@ def use_cpu_attention_kernels(mod: tvm.IRModule, target: tvm.target.Target | Non
     them) with the parallel ones; only for CPU (llvm) targets, whose KV cache uses them."""
     if target is None or target.kind.name != "llvm":
         return mod
-    mod = _replace_kernel(mod, RAGGED_PREFILL, 14, lambda hkv, hq, d, _p, dt: prefill_ragged_cpu(hkv, hq, d, dt))
-    return _replace_kernel(mod, DECODE_PAGED, 13, decode_paged_cpu)
+    gv = _kernel(mod, RAGGED_PREFILL, 14)
+    if gv is not None:  # q [tokens, h_q, d], k [tokens, h_kv, d]
+        old = mod[gv]
+        (_, h_q, d), (_, h_kv, d_kv) = _shape_of(old, 0), _shape_of(old, 2)
+        if int(h_q) % int(h_kv) == 0 and int(d_kv) == int(d):
+            mod = _swap(mod, gv, prefill_ragged_cpu(int(h_kv), int(h_q), int(d), str(old.params[0].dtype)))
+    gv = _kernel(mod, DECODE_PAGED, 13)
+    if gv is not None:  # q [batch, h_q, d], pages [pages, 2, h_kv, page_size, d]
+        old = mod[gv]
+        (_, h_q, d), (_, _, h_kv, page, d_kv) = _shape_of(old, 0), _shape_of(old, 1)
+        if int(h_q) % int(h_kv) == 0 and int(d_kv) == int(d):
+            mod = _swap(mod, gv, decode_paged_cpu(int(h_kv), int(h_q), int(d), int(page), str(old.params[0].dtype)))
+    return mod
 
 
 def use_cpu_rope(mod: tvm.IRModule, theta: float, scale: float, rope_scaling: dict) -> tvm.IRModule:
     """Replace the KV cache's q/k/v split + RoPE kernel (TVM's `fused_rope`, if the module has it)
     with `rope_cpu`; the shapes come from the old kernel, the RoPE parameters from the model, as
     the KV cache was given them."""
-    gvs = [gv for gv in mod.get_global_vars() if gv.name_hint == FUSED_ROPE]
-    if not gvs or not isinstance(mod[gvs[0]], tvm.tirx.PrimFunc) or len(mod[gvs[0]].params) != 6:
+    gv = _kernel(mod, FUSED_ROPE, 6)
+    if gv is None:
         return mod
-    old = mod[gvs[0]]
+    old = mod[gv]  # qkv [tokens, h_q + 2 h_kv, d], q [tokens, h_q, d], k [tokens, h_kv, d]
     fused, head_dim = (int(x) for x in _shape_of(old, 0)[1:])
     h_q, h_kv = int(_shape_of(old, 2)[1]), int(_shape_of(old, 3)[1])
     if fused != h_q + 2 * h_kv:
         return mod
-    return _swap(mod, gvs[0], rope_cpu(theta, scale, head_dim, h_q, h_kv, str(old.params[0].dtype),
-                                       rope_scaling, head_dim))
+    return _swap(mod, gv, rope_cpu(theta, scale, head_dim, h_q, h_kv, str(old.params[0].dtype),
+                                   rope_scaling, head_dim))
 
 
 @tvm.transform.module_pass(opt_level=0, name="awqc.FastCPUAttention")

@@ -90,13 +90,15 @@ def test_no_float_weight_matrix_materialized(tiny_ckpt: Path) -> None:
     assert len(quantized_param_names(names, set(quant.quantized))) == len(names) + 2 * len(quant.quantized)
 
 
-def test_group_size_that_does_not_divide_a_layer(tiny_ckpt: Path, tmp_path: Path,
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_group_size_that_does_not_divide_a_layer(method: str, tiny_ckpt: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    assert main(["compile", "--model", str(tiny_ckpt), "--quant", "rtn-w4g128", "-o", str(out)]) == 2
+    assert main(["compile", "--model", str(tiny_ckpt), "--quant", f"{method}-w4g128", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert re.search(r"layer layers\.0\.\S+ has 64 input features, not a multiple of group size 128; "
                      r"group sizes that divide it: 64, 32", err), err
+    assert "calibrate" not in err  # AWQ refuses before calibrating
     assert not out.exists()
 
 
