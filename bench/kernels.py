@@ -8,8 +8,9 @@ For every shape it times, with the layout and knobs `awqc compile` would use for
     of the packed weights totalling >= 2x the LLC, so they come from DRAM as in a decode step.
     GB/s counts what a call must read: int4 values + scales + zeros (float32, group 64);
     "% BW" is that over the read bandwidth measured below, in the same process;
-  * the same GEMV in the old layout k8 (its rfactor schedule), for reference; the two are
-    timed alternately (ROUNDS rounds, one pass over the copies each), and the table gives the
+  * the same GEMV in the old layout k8 (its rfactor schedule), for reference, and the W4A8
+    GEMV (layout d8, int8 activations, integer dot products; x86 only) that `--quant
+    rtn-w4a8g64` compiles; all are timed alternately (ROUNDS rounds, one pass over the copies each), and the table gives the
     best round and, in brackets, the median one, which shows how noisy the machine was;
   * prefill GEMM y[64, N] = x[64, K] @ W[N, K]^T (dynamic rows, run at 64) -> GFLOP/s.
 Read bandwidth: a STREAM-like probe, a TVM-compiled sum over 512 MB (16-lane vectors, four
@@ -75,7 +76,8 @@ def bandwidth_probe(spec) -> dict[str, float]:
 
 
 def bench_shape(spec, record, name: str, k: int, n: int) -> dict:
-    from awqc.schedules.layouts import K8, choose_layout, get_layout
+    from awqc.schedules.layouts import K8, DotLayout, choose_layout, get_layout
+    from awqc.schedules.w4a8_cpu import dot_isa
     from awqc.schedules.tuning import (LLC_BYTES, cold_copies, compile_kernel, packed_bytes, random_weights,
                                        time_gemm, time_gemv)
 
@@ -87,10 +89,14 @@ def bench_shape(spec, record, name: str, k: int, n: int) -> dict:
     k8_weights = random_weights(K8, k, n, GROUP, copies)
     gemv = compile_kernel(spec, layout, k, n, GROUP, 1, gemv=record.gemv_knobs(k, n))
     k8_gemv = compile_kernel(spec, K8, k, n, GROUP, 1)
-    rounds: dict[str, list[float]] = {"gemv": [], "k8_gemv": []}
-    for _ in range(ROUNDS):  # alternate, so a busy spell on a shared machine hits both
-        rounds["gemv"].append(time_gemv(gemv, weights, k, n, repeats=1) * 1e3)
-        rounds["k8_gemv"].append(time_gemv(k8_gemv, k8_weights, k, n, repeats=1) * 1e3)
+    kernels = {"gemv": (gemv, weights), "k8_gemv": (k8_gemv, k8_weights)}
+    if dot_isa(spec.tvm_target):
+        kernels["a8_gemv"] = (compile_kernel(spec, DotLayout(8), k, n, GROUP, 1),
+                              random_weights(DotLayout(8), k, n, GROUP, copies))
+    rounds: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(ROUNDS):  # alternate, so a busy spell on a shared machine hits all
+        for name, (kernel, w) in kernels.items():
+            rounds[name].append(time_gemv(kernel, w, k, n, repeats=1) * 1e3)
     for name, times in rounds.items():
         times.sort()
         row[f"{name}_ms"], row[f"{name}_median_ms"] = times[0], times[len(times) // 2]
@@ -132,15 +138,21 @@ def format_report(threads: int, result: dict) -> str:
     lines = [f"## {threads} thread(s): read bandwidth {best:.1f} GB/s "
              f"(TVM probe {bw['tvm_GBps']:.1f}, numpy 1-thread {bw['numpy_GBps']:.1f})", "",
              "| shape | K x N | MB read | layout | GEMV ms | GEMV GB/s (median) | % BW | k8 GEMV GB/s (median) "
-             "| GEMM(64) ms | GEMM GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| W4A8 GEMV GB/s (median) | W4A8 % BW | GEMM(64) ms | GEMM GFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         big = " (> LLC)" if r["exceeds_llc"] else ""
         lines.append(f"| {r['shape']} | {r['K']}x{r['N']} | {r['MB']:.1f}{big} | {r['layout']} | {r['gemv_ms']:.3f} | "
                      f"{r['gemv_GBps']:.1f} ({r['gemv_median_GBps']:.1f}) | {100 * r['gemv_GBps'] / best:.0f}% | "
-                     f"{r['k8_gemv_GBps']:.1f} ({r['k8_gemv_median_GBps']:.1f}) | {r['gemm_ms']:.3f} | "
+                     f"{r['k8_gemv_GBps']:.1f} ({r['k8_gemv_median_GBps']:.1f}) | {_a8(r, best)} | {r['gemm_ms']:.3f} | "
                      f"{r['gemm_GFLOPs']:.0f} |")
     return "\n".join(lines)
+
+
+def _a8(row: dict, best: float) -> str:
+    if "a8_gemv_GBps" not in row:
+        return "– | –"
+    return f"{row['a8_gemv_GBps']:.1f} ({row['a8_gemv_median_GBps']:.1f}) | {100 * row['a8_gemv_GBps'] / best:.0f}%"
 
 
 def main() -> int:

@@ -14,9 +14,9 @@ import numpy as np
 import tvm
 
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
-from awqc.passes.quantizer import QuantizedWeights
+from awqc.passes.quantizer import QuantizationError, QuantizedWeights, QuantScheme
 from awqc.runtime.artifact import FORMAT, LIBRARY, MANIFEST, TOKENIZER_DIR, WEIGHTS, hash_tree
-from awqc.schedules.layouts import K8, Layout, choose_layout, get_layout
+from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
 from .llama import export_model
 from .model_import import ImportedModel
@@ -48,10 +48,30 @@ class W4Backend:
     schedule: Callable
 
 
+def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: str) -> str | None:
+    """For a W4A8 scheme, the target's integer dot-product ISA (schedules/w4a8_cpu.py); refuses
+    a target or dtype that cannot run it. None for every other scheme."""
+    if scheme is None or scheme.act_bits != 8:
+        return None
+    from awqc.schedules.w4a8_cpu import dot_isa
+
+    isa = dot_isa(spec.tvm_target) if spec.device == "cpu" else None
+    plain = dataclasses.replace(scheme, act_bits=16).name
+    if isa is None:
+        raise QuantizationError(
+            f"{scheme.name} (int8 activations) runs on x86 CPU targets with AVX2 or AVX-512 VNNI, not on "
+            f"target {spec.name}; use {plain} (float activations) there")
+    if dtype != "float32":
+        raise QuantizationError(f"{scheme.name} kernels take float32 activations; compile with --dtype float32 "
+                                f"or use {plain}")
+    return isa
+
+
 def w4_backend(spec: TargetSpec, quant: QuantizedWeights) -> W4Backend:
     """CUDA: layout k8 and schedules/cuda.py. CPU: the layout and knobs of the target's tuning
     record (schedules/records/, `awqc tune`) or the defaults; k8 if the layout cannot hold
-    every quantized weight of this model."""
+    every quantized weight of this model. W4A8 schemes: layout d8 and the integer dot-product
+    GEMV of the target's ISA (the record's GEMM knobs for prefill)."""
     if spec.device == "cuda":
         return W4Backend(K8, w4_scheduler(spec))
     from awqc.schedules.tuning import record_for
@@ -59,6 +79,16 @@ def w4_backend(spec: TargetSpec, quant: QuantizedWeights) -> W4Backend:
 
     record = record_for(spec)
     shapes = [tuple(q.shape) for q, _, _ in quant.quantized.values()]
+    isa = check_int8_activations(spec, quant.scheme, "float32")
+    if isa is not None:
+        from awqc.schedules.w4a8_cpu import dot_scheduler
+
+        layout = DotLayout(8)
+        bad = [f"{n}x{k}" for n, k in shapes if not layout.supports(k, n, quant.scheme.group_size)]
+        if bad:
+            raise QuantizationError(f"{quant.scheme.name} needs every quantized weight's output size to be a "
+                                    f"multiple of {layout.lanes}; these are not: {', '.join(bad)}")
+        return W4Backend(layout, dot_scheduler(layout, isa, record.gemm_knobs))
     layout = choose_layout(get_layout(record.layout), shapes, quant.scheme.group_size)
     return W4Backend(layout, cpu_scheduler(layout, record.gemv_knobs, record.gemm_knobs))
 
@@ -123,6 +153,7 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
     check_output(out, force)
+    check_int8_activations(spec, quant.scheme if quant else None, dtype)
     backend = w4_backend(spec, quant) if quant is not None else None
     ex, param_names = compile_library(model, spec, dtype, quant, backend)
     layout = backend.layout if backend else K8

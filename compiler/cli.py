@@ -77,7 +77,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .build import check_output, write_artifact
+    from .build import check_int8_activations, check_output, write_artifact
     from .model_import import load_model
     from .targets import get_target
 
@@ -87,6 +87,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         nvcc_path()
     method, scheme = parse_quant(args.quant)
+    check_int8_activations(spec, scheme, args.dtype)
     check_output(args.output, args.force)
     t0 = time.time()
     model = load_model(args.model)

@@ -51,7 +51,10 @@ def _host_x86() -> dict[str, Any]:
         mcpu = "x86-64-v3"
     else:
         mcpu = "x86-64-v2"
-    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": os.cpu_count() or 1}
+    target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": os.cpu_count() or 1}
+    if mcpu == "x86-64-v4" and "avx512_vnni" in flags:  # vpdpbusd, for the W4A8 kernels
+        target["mattr"] = ["+avx512vnni"]
+    return target
 
 
 def _host_aarch64() -> dict[str, Any]:

@@ -22,8 +22,13 @@ class QuantScheme:
     bits: int = 4
     group_size: int = 64
     symmetric: bool = False
+    # 16: float activations (W4A16). 8: decode kernels round each activation group to int8
+    # (scale max|x| / 127) and use integer dot products (x86 CPUs; schedules/w4a8_cpu.py).
+    act_bits: int = 16
 
     def __post_init__(self) -> None:
+        if self.act_bits not in (8, 16):
+            raise QuantizationError(f"{self.act_bits}-bit activations are not supported; use a8 or none (float)")
         if self.bits != 4:
             raise QuantizationError(f"{self.bits}-bit weights are not supported; awqc packs 4-bit weights")
         if self.group_size not in GROUP_SIZES:
@@ -36,15 +41,17 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
-        return f"w{self.bits}g{self.group_size}" + ("-sym" if self.symmetric else "")
+        act = "a8" if self.act_bits == 8 else ""
+        return f"w{self.bits}{act}g{self.group_size}" + ("-sym" if self.symmetric else "")
 
     @classmethod
     def parse(cls, text: str) -> "QuantScheme":
-        """'w4g64', 'w4g128-sym', ..."""
-        m = re.fullmatch(r"w(\d+)g(\d+)(-sym)?", text)
+        """'w4g64', 'w4g128-sym', 'w4a8g64', ..."""
+        m = re.fullmatch(r"w(\d+)(?:a(\d+))?g(\d+)(-sym)?", text)
         if not m:
-            raise QuantizationError(f"cannot parse quantization {text!r}; expected e.g. w4g64 or w4g128-sym")
-        return cls(int(m.group(1)), int(m.group(2)), bool(m.group(3)))
+            raise QuantizationError(
+                f"cannot parse quantization {text!r}; expected e.g. w4g64, w4g128-sym or w4a8g64")
+        return cls(int(m.group(1)), int(m.group(3)), bool(m.group(4)), int(m.group(2) or 16))
 
     def check_layer(self, name: str, in_features: int) -> None:
         """A group must not straddle rows: the input dimension must be a multiple of the group size."""

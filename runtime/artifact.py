@@ -16,10 +16,11 @@ LIBRARY = "lib.so"
 WEIGHTS = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
 # Packed int4 weight layouts this runtime accepts (schedules/layouts.py; this module imports
-# nothing from the compiler, so the names are listed here): "k8", and "i{L}r{R}" (nibbles
-# interleaved over L SIMD lanes, tiles of R rows). The runtime only hands the arrays to the
+# nothing from the compiler, so the names are listed here): "k8", "i{L}r{R}" (nibbles
+# interleaved over L SIMD lanes, tiles of R rows) and "d{L}" (W4A8: L rows in the lanes of an
+# integer dot product). The runtime only hands the arrays to the
 # library, whose kernels read the layout the manifest names.
-KNOWN_LAYOUTS = ("k8", *(f"i{lanes}r{rows}" for lanes in (4, 8, 16) for rows in (1, 2, 4, 8, 16)))
+KNOWN_LAYOUTS = ("k8", *(f"i{lanes}r{rows}" for lanes in (4, 8, 16) for rows in (1, 2, 4, 8, 16)), "d8", "d16")
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "U32": np.uint32, "U8": np.uint8,
               "I8": np.int8, "I64": np.int64}

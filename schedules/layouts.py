@@ -15,6 +15,13 @@ runtime never guesses; runtime/artifact.py and the C++ runner list the names the
     * scales and zeros [N/R, K/G * R]: per group, the tile's R values side by side.
     Needs K % 8L == 0, G % L == 0 and N % R == 0; a model with any linear that does not fit is
     packed "k8" instead (`choose_layout`).
+
+"d{L}" (x86 W4A8, integer dot products; L = 8 or 16 rows per tile, one per 32-bit lane):
+    word (c, r) of tile t holds columns 8c..8c+7 of row tL + r, byte i of it column 8c + i in
+    the low nibble and 8c + 4 + i in the high one, so AND 0x0F (or >> 4 then AND) of L words
+    gives 4 consecutive int4 values per lane, the operand of a 4-way byte dot product
+    (schedules/w4a8_cpu.py); qweight [N/L, K/8 * L], scales and zeros [N/L, K/G * L] as in
+    "i{L}r{L}". Needs G % 8 == 0 and N % L == 0. Only the W4A8 schemes (w4a8g*) use it.
 """
 from __future__ import annotations
 
@@ -25,10 +32,12 @@ from typing import Iterable
 import numpy as np
 from tvm import tirx
 
-from .w4_kernels import PACK, pack_k8, unpack_k8, w4_gemm_interleaved, w4_gemv_interleaved, w4_matmul
+from .w4_kernels import (PACK, pack_k8, unpack_k8, w4_gemm_dot, w4_gemm_interleaved, w4_gemv_interleaved,
+                         w4_matmul)
 
 LANES = (4, 8, 16)  # NEON / SSE 128-bit, AVX2 256-bit, AVX-512 512-bit
 TILE_ROWS = (1, 2, 4, 8, 16)
+DOT_LANES = (8, 16)  # 256- and 512-bit vectors of int32
 
 Packed = tuple[np.ndarray, np.ndarray, np.ndarray]  # qweight, scales, zeros
 
@@ -116,18 +125,73 @@ class InterleavedLayout:
         return np.ascontiguousarray(t.reshape(nt * r, cr // r))
 
 
-Layout = K8Layout | InterleavedLayout
+@dataclasses.dataclass(frozen=True)
+class DotLayout:
+    lanes: int = 8
+
+    def __post_init__(self) -> None:
+        if self.lanes not in DOT_LANES:
+            raise ValueError(f"layout d{self.lanes}: lanes must be one of {DOT_LANES}")
+
+    @property
+    def name(self) -> str:
+        return f"d{self.lanes}"
+
+    def supports(self, k: int, n: int, group: int) -> bool:
+        return k % group == 0 and group % PACK == 0 and n % self.lanes == 0
+
+    def shapes(self, n: int, k: int, group: int) -> list[tuple[int, int]]:
+        lanes = self.lanes
+        return [(n // lanes, k // PACK * lanes), (n // lanes, k // group * lanes), (n // lanes, k // group * lanes)]
+
+    def pack(self, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Packed:
+        n, k = q.shape
+        if not self.supports(k, n, k // scales.shape[1]):
+            raise ValueError(f"layout {self.name} cannot hold a [{n}, {k}] weight with group {k // scales.shape[1]}")
+        nib = q.astype(np.uint32).reshape(n, k // PACK, 2, 4)  # [n, c, high?, byte]
+        words = np.zeros((n, k // PACK), np.uint32)
+        for half in range(2):
+            for byte in range(4):
+                words |= nib[:, :, half, byte] << np.uint32(8 * byte + 4 * half)
+        return self._tile(words), self._tile(scales), self._tile(zeros)
+
+    def unpack(self, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Packed:
+        words = self._untile(qweight)
+        shifts = (8 * np.arange(4, dtype=np.uint32)[None, :] + 4 * np.arange(2, dtype=np.uint32)[:, None]).ravel()
+        nib = (words[:, :, None] >> shifts[None, None, :]) & np.uint32(15)
+        return nib.reshape(words.shape[0], -1).astype(np.uint8), self._untile(scales), self._untile(zeros)
+
+    def kernel(self, k: int, n: int, group: int, dtype: str, rows: int | None) -> tirx.PrimFunc:
+        """The compute definition (GEMM over `rows`, 1 for decode); schedules/w4a8_cpu.py has the
+        GEMV that replaces it for decode."""
+        return w4_gemm_dot(k, n, group, dtype, self.lanes, rows)
+
+    def _tile(self, a: np.ndarray) -> np.ndarray:
+        """[N, C] → [N/L, C*L]: column c of the tile's L rows side by side."""
+        n, c = a.shape
+        return np.ascontiguousarray(a.reshape(n // self.lanes, self.lanes, c).transpose(0, 2, 1).reshape(n // self.lanes, -1))
+
+    def _untile(self, a: np.ndarray) -> np.ndarray:
+        nt, cl = a.shape
+        return np.ascontiguousarray(a.reshape(nt, cl // self.lanes, self.lanes).transpose(0, 2, 1).reshape(nt * self.lanes, -1))
+
+
+Layout = K8Layout | InterleavedLayout | DotLayout
 K8 = K8Layout()
 
 
 def layout_names() -> list[str]:
     """Every layout name this version of awqc can write (runtime/artifact.py lists the same)."""
-    return [K8.name] + [InterleavedLayout(lanes, r).name for lanes in LANES for r in TILE_ROWS]
+    return ([K8.name] + [InterleavedLayout(lanes, r).name for lanes in LANES for r in TILE_ROWS]
+            + [DotLayout(lanes).name for lanes in DOT_LANES])
 
 
 def get_layout(name: str) -> Layout:
     if name == K8.name:
         return K8
+    m = re.fullmatch(r"d(\d+)", name)
+    if m is not None:
+        return DotLayout(int(m.group(1)))
     m = re.fullmatch(r"i(\d+)r(\d+)", name)
     if m is None:
         raise ValueError(f"unknown int4 layout {name!r}; known: {', '.join(layout_names())}")

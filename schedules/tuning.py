@@ -31,8 +31,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import tvm
 
-from .layouts import InterleavedLayout, Layout, get_layout
+from .layouts import DotLayout, InterleavedLayout, Layout, get_layout
 from .w4_cpu import GemmKnobs, GemvKnobs, cpu_scheduler
+from .w4a8_cpu import dot_isa, dot_scheduler
 
 RECORD_FORMAT = "awqc-w4-tuning/1"
 RECORDS_DIR = Path(__file__).resolve().parent / "records"
@@ -122,13 +123,12 @@ class TuningRecord:
 # --- records on disk -----------------------------------------------------------------------------
 def record_name(spec) -> str:
     """The record's name for a TargetSpec: its short name, except that `host` is named after
-    the ISA it resolved to (host-x86-64-v4, host-aarch64+neon+dotprod), so a record tuned on
-    one machine is never taken for another kind of host."""
+    the ISA it resolved to (host-x86-64-v4+avx512vnni, host-aarch64+neon+dotprod), so a record
+    tuned on one machine is never taken for another kind of host."""
     if spec.name != "host":
         return spec.name
     t = spec.tvm_target
-    isa = t.get("mcpu") or "+".join([spec.arch, *(a.lstrip("+") for a in t.get("mattr", []))])
-    return f"host-{isa}"
+    return "host-" + "+".join([t.get("mcpu") or spec.arch, *(a.lstrip("+") for a in t.get("mattr", []))])
 
 
 def record_path(spec, records_dir: Path | None = None) -> Path:
@@ -210,7 +210,11 @@ def machine_name() -> str:
 def compile_kernel(spec, layout: Layout, k: int, n: int, group: int, rows: int | None,
                    gemv: GemvKnobs | None = None, gemm: GemmKnobs | None = None, dtype: str = "float32"):
     """One scheduled int4 kernel, built for `spec`, as a callable (x, qweight, scales, zeros, y)."""
-    schedule = cpu_scheduler(layout, (lambda *_: gemv) if gemv else None, (lambda *_: gemm) if gemm else None)
+    gemm_knobs = (lambda *_: gemm) if gemm else None
+    if isinstance(layout, DotLayout):  # W4A8: the dot-product GEMV of the target's ISA
+        schedule = dot_scheduler(layout, dot_isa(spec.tvm_target), gemm_knobs)
+    else:
+        schedule = cpu_scheduler(layout, (lambda *_: gemv) if gemv else None, gemm_knobs)
     func = schedule(layout.kernel(k, n, group, dtype, rows), group, rows).with_attr("global_symbol", "main")
     return tvm.compile(tvm.IRModule({"main": func}), target=spec.target())["main"]
 

@@ -161,32 +161,73 @@ def w4_gemv_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows
 
 def w4_gemm_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows: int,
                         m: int | None) -> tirx.PrimFunc:
-    """Prefill GEMM y[m, n] = sum_k x[m, k] w[n, k] over `m` rows (None: dynamic). Compute
-    bound, so the dequantization w = (q - z) * s (the fake-quant reference's formula) is its own
-    block: the schedule runs it for a block of weight rows at a time, into a buffer that stays
-    in cache and is reused by every activation row."""
+    """Prefill GEMM y[m, n] = sum_k x[m, k] w[n, k] over `m` rows (None: dynamic), weights in
+    layout i{lanes}r{rows}."""
     _check_interleaved(k, n, group, lanes, rows)
-    ng, steps = k // group, group // lanes
+
+    def nibble(qweight, j, kk):  # q[j, kk]
+        return T.bitwise_and(T.shift_right(_il_word(qweight, j, kk, lanes, rows), T.Cast(
+            "uint32", _il_nibble(kk, lanes)) * T.uint32(4)), T.uint32(15))
+
+    return _w4_gemm(k, n, group, dtype, m, (n // rows, k // PACK * rows), rows, lanes, nibble, act_quant=False)
+
+
+def w4_gemm_dot(k: int, n: int, group: int, dtype: str, lanes: int, m: int | None) -> tirx.PrimFunc:
+    """y = fq(x) @ w^T for weights in layout d{lanes} (schedules/layouts.py), where fq rounds x
+    to int8 per row and group (scale max|x| / 127), the activation quantization the W4A8 GEMV
+    (schedules/w4a8_cpu.py) does. This is the prefill kernel and the GEMV's reference semantics."""
+    _check_dot(k, n, group, lanes)
+
+    def nibble(qweight, j, kk):  # byte kk%4 of word (kk//8, row j), low nibble for kk%8 < 4
+        word = qweight[j // lanes, kk // PACK * lanes + j % lanes]
+        shift = T.Cast("uint32", kk % 4 * 8 + kk % 8 // 4 * 4)
+        return T.bitwise_and(T.shift_right(word, shift), T.uint32(15))
+
+    return _w4_gemm(k, n, group, dtype, m, (n // lanes, k // PACK * lanes), lanes, PACK, nibble, act_quant=True)
+
+
+def _w4_gemm(k: int, n: int, group: int, dtype: str, m: int | None, qshape: tuple[int, int], rows: int,
+             steps_of: int, nibble, act_quant: bool) -> tirx.PrimFunc:
+    """The GEMM every CPU layout shares, given how to read q[j, k] (`nibble`); scales and zeros
+    are [N/rows, K/G * rows] (a tile's rows side by side per group). Compute bound, so the
+    dequantization w = (q - z) * s is its own block: the schedule runs it for a block of weight
+    rows at a time, into a buffer that stays in cache and is reused by every activation row.
+    Its column loop is split (group, step u, lane l) with `steps_of` lanes."""
+    ng, steps, lanes = k // group, group // steps_of, steps_of
     mm = m if m is not None else tirx.Var("m", "int64")
 
+    def xf_value(x, amax, vi, vk):
+        if not act_quant:
+            return T.Cast("float32", x[vi, vk])
+        a = amax[vi, vk // group]
+        return T.Select(a > T.float32(0), T.nearbyint(T.Cast("float32", x[vi, vk]) * (T.float32(127) / a))
+                        * (a / T.float32(127)), T.float32(0))
+
     @T.prim_func(private=True, s_tir=True)
-    def kernel(x: T.Buffer((mm, k), dtype), qweight: T.Buffer((n // rows, k // PACK * rows), "uint32"),
+    def kernel(x: T.Buffer((mm, k), dtype), qweight: T.Buffer(qshape, "uint32"),
                scales: T.Buffer((n // rows, ng * rows), dtype), zeros: T.Buffer((n // rows, ng * rows), dtype),
                y: T.Buffer((mm, n), dtype)):
         T.func_attr({"tirx.noalias": True})
+        amax = T.sblock_alloc_buffer((mm, ng), "float32")
         xf = T.sblock_alloc_buffer((mm, k), "float32")
         w = T.sblock_alloc_buffer((n, k), "float32")
         acc = T.sblock_alloc_buffer((mm, n), "float32")
+        if act_quant:  # a parse-time condition: no amax block without activation quantization
+            for i, g, kk in T.grid(mm, ng, group):
+                with T.sblock("w4_xamax"):
+                    vi, vg, vk = T.axis.remap("SSR", [i, g, kk])
+                    with T.init():
+                        amax[vi, vg] = T.float32(0)
+                    amax[vi, vg] = T.max(amax[vi, vg], T.fabs(T.Cast("float32", x[vi, vg * group + vk])))
         for i, kk in T.grid(mm, k):
             with T.sblock("w4_xf"):
                 vi, vk = T.axis.remap("SS", [i, kk])
-                xf[vi, vk] = T.Cast("float32", x[vi, vk])
+                xf[vi, vk] = xf_value(x, amax, vi, vk)
         for j, g, u, l in T.grid(n, ng, steps, lanes):
             with T.sblock("w4_dequant"):
                 vj, vg, vu, vl = T.axis.remap("SSSS", [j, g, u, l])
-                w[vj, vg * group + vu * lanes + vl] = (T.Cast("float32", T.bitwise_and(T.shift_right(
-                    _il_word(qweight, vj, vg * group + vu * lanes + vl, lanes, rows),
-                    T.Cast("uint32", _il_nibble(vg * group + vu * lanes, lanes)) * T.uint32(4)), T.uint32(15)))
+                w[vj, vg * group + vu * lanes + vl] = (
+                    T.Cast("float32", nibble(qweight, vj, vg * group + vu * lanes + vl))
                     - T.Cast("float32", zeros[_il_scale_index(vj, vg, rows)])) * T.Cast(
                     "float32", scales[_il_scale_index(vj, vg, rows)])
         for i, j, kk in T.grid(mm, n, k):
@@ -201,6 +242,12 @@ def w4_gemm_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows
                 y[vi, vj] = T.Cast(dtype, acc[vi, vj])
 
     return kernel
+
+
+def _check_dot(k: int, n: int, group: int, lanes: int) -> None:
+    if k % group or group % PACK or n % lanes:
+        raise ValueError(f"layout d{lanes} needs K a multiple of the group size {group}, the group a multiple "
+                         f"of {PACK} and N a multiple of {lanes}; got K={k}, N={n}, group {group}")
 
 
 def _check_interleaved(k: int, n: int, group: int, lanes: int, rows: int) -> None:

@@ -48,10 +48,10 @@ namespace {
 
 constexpr const char* kFormat = "awqc-artifact/1";  // runtime/artifact.py FORMAT
 constexpr int64_t kPageSize = 16;                    // runtime/engine.py _PAGE_SIZE
-// runtime/artifact.py KNOWN_LAYOUTS: "k8" and "i{L}r{R}" (schedules/layouts.py)
+// runtime/artifact.py KNOWN_LAYOUTS: "k8", "i{L}r{R}" and "d{L}" (schedules/layouts.py)
 const std::vector<std::string> kKnownLayouts = {
     "k8",   "i4r1",  "i4r2",  "i4r4",  "i4r8",  "i4r16",  "i8r1",  "i8r2",
-    "i8r4", "i8r8",  "i8r16", "i16r1", "i16r2", "i16r4",  "i16r8", "i16r16"};
+    "i8r4", "i8r8",  "i8r16", "i16r1", "i16r2", "i16r4",  "i16r8", "i16r16", "d8",   "d16"};
 
 #if defined(__aarch64__)
 constexpr const char* kMachine = "aarch64";

@@ -1,0 +1,152 @@
+"""W4A8 decode GEMV for x86: int4 weights (layout "d{L}", schedules/layouts.py) times int8
+activations with integer dot-product instructions, the route llama.cpp's Q4_0 x Q8_0 takes.
+
+Why: the W4A16 GEMV (w4_cpu.py) spends an AND, an int->float convert and an FMA per L weights
+and tops out near a third of the read bandwidth on one core. Here x is rounded to int8 once per
+call (per group: scale dx = max|x| / 127, the semantics of w4_kernels.w4_gemm_dot), and one
+instruction multiplies 4 weight bytes by 4 activation bytes and sums them, in every lane:
+  * "vnni": AVX-512 VNNI vpdpbusd (u8 x s8, accumulated in int32);
+  * "avx2": vpmaddubsw (u8 x s8 -> pairs summed in int16; |q * xq| <= 15 * 127 so two never
+    saturate) then vpmaddwd by ones (-> int32) and an add.
+Lanes hold rows: word (c, r) of a tile carries columns 8c..8c+7 of row r (byte i: column 8c+i
+in the low nibble, 8c+4+i in the high one), so AND 0x0F and (>> 4) & 0x0F give two operands
+whose activation side is one broadcast of 4 int8 values. Per group and tile, the int32 sums of L
+rows convert to float once and take their scale with one vector FMA; the zero point is folded
+out:  y[n] = sum_g s[n,g] (dx_g sum_k xq_k q[n,k] - z[n,g] dx_g sum_k xq_k).
+
+The kernel is written directly as loops over vectors (TVMScript without blocks): the dot
+instructions have no scalar form for a schedule to vectorize.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .layouts import DotLayout
+from .w4_cpu import GemmKnobs, _kernel_shape, schedule_gemm_interleaved
+from .w4_kernels import PACK, _check_dot
+
+DOT_ISAS = ("vnni", "avx2")
+CHAINS = 4  # independent int32 accumulators per tile (the dot instruction's latency is ~4 cycles)
+_LOW_NIBBLES = 0x0F0F0F0F
+
+
+def dot_isa(tvm_target: dict) -> str | None:
+    """Which integer dot product an x86 LLVM target has: "vnni", "avx2", or None (not x86, or
+    older than AVX2)."""
+    if tvm_target.get("kind") != "llvm" or not str(tvm_target.get("mtriple", "")).startswith("x86_64"):
+        return None
+    mattr = set(tvm_target.get("mattr", []))
+    if "+avx512vnni" in mattr and tvm_target.get("mcpu") == "x86-64-v4":
+        return "vnni"
+    if tvm_target.get("mcpu") in ("x86-64-v3", "x86-64-v4") or "+avx2" in mattr:
+        return "avx2"
+    return None
+
+
+def w4a8_gemv(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc:
+    """Decode GEMV y[1, N] = fq(x)[1, K] @ w[N, K]^T, float32 in and out (see module doc)."""
+    _check_dot(k, n, group, lanes)
+    if isa not in DOT_ISAS:
+        raise ValueError(f"unknown dot-product ISA {isa!r}; known: {', '.join(DOT_ISAS)}")
+    if isa == "avx2" and lanes != 8:
+        raise ValueError("the AVX2 dot product works on 256-bit vectors: layout d8")
+    ng, words, tiles = k // group, group // PACK, n // lanes
+    vi32, vf32 = f"int32x{lanes}", f"float32x{lanes}"
+
+    def dot(acc, q, xq):  # acc[r] += sum of 4 byte products of q[r] and xq[r]
+        a, b = T.reinterpret(f"int8x{4 * lanes}", q), T.reinterpret(f"int8x{4 * lanes}", xq)
+        if isa == "vnni":
+            return T.call_llvm_pure_intrin(vi32, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc, a, b)
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
+        return acc + T.call_llvm_pure_intrin(vi32, "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
+
+    def vec(buf, start):
+        return buf[T.ramp(start, 1, lanes)]
+
+    def row_vec(buf, row, start):
+        return buf[row, T.ramp(start, 1, lanes)]
+
+    def chain_sum(iacc):
+        total = vec(iacc, 0)
+        for c in range(1, CHAINS):
+            total = total + vec(iacc, c * lanes)
+        return total
+
+    def hmax8(v):
+        return T.max(T.max(T.max(v[0], v[1]), T.max(v[2], v[3])), T.max(T.max(v[4], v[5]), T.max(v[6], v[7])))
+
+    def hsum8(v):
+        return v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7]
+
+    @T.prim_func(private=True, s_tir=False)
+    def kernel(x: T.Buffer((1, k), "float32"), qweight: T.Buffer((tiles, k // PACK * lanes), "uint32"),
+               scales: T.Buffer((tiles, ng * lanes), "float32"), zeros: T.Buffer((tiles, ng * lanes), "float32"),
+               y: T.Buffer((1, n), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        xq = T.decl_buffer((k,), "int8", scope="global")
+        xq4 = T.decl_buffer((k // 4,), "uint32", data=xq.data)  # 4 int8 values per word, for broadcasts
+        dx = T.decl_buffer((ng,), "float32", scope="global")
+        xsum = T.decl_buffer((ng,), "float32", scope="global")  # dx_g * sum_k xq_k
+        for g in range(ng):  # O(K) once per call: round x to int8 per group
+            amax = T.decl_buffer((8,), "float32", scope="global")
+            isum = T.decl_buffer((8,), "int32", scope="global")
+            amax[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+            isum[T.ramp(0, 1, 8)] = T.broadcast(0, 8)
+            for w in range(words):
+                amax[T.ramp(0, 1, 8)] = T.max(amax[T.ramp(0, 1, 8)], T.fabs(x[0, T.ramp(g * group + w * 8, 1, 8)]))
+            m: T.let[T.float32] = hmax8(amax)
+            inv: T.let[T.float32] = T.Select(m > T.float32(0), T.float32(127) / m, T.float32(0))
+            dx[g] = m / T.float32(127)
+            for w in range(words):
+                v: T.let[T.int32x8] = T.Cast("int32x8", T.nearbyint(
+                    x[0, T.ramp(g * group + w * 8, 1, 8)] * T.broadcast(inv, 8)))
+                xq[T.ramp(g * group + w * 8, 1, 8)] = T.Cast("int8x8", v)
+                isum[T.ramp(0, 1, 8)] = isum[T.ramp(0, 1, 8)] + v
+            xsum[g] = dx[g] * T.Cast("float32", hsum8(isum))
+        for t in T.parallel(tiles):  # each thread: a contiguous range of tiles, one weight stream
+            # "global"-scoped so they become stack arrays (LLVM keeps them in registers); a
+            # "local" allocation here would be a heap workspace per tile.
+            acc = T.decl_buffer((lanes,), "float32", scope="global")
+            iacc = T.decl_buffer((CHAINS * lanes,), "int32", scope="global")
+            acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+            for g in range(ng):
+                for c in T.unroll(CHAINS):
+                    iacc[T.ramp(c * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                for w in T.unroll(words):
+                    word = T.meta_var(row_vec(qweight, t, (g * words + w) * lanes))
+                    low = T.meta_var(T.bitwise_and(word, T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
+                    high = T.meta_var(T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(4), lanes)),
+                                                    T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
+                    c0: T.let[T.int32] = (2 * w) % CHAINS * lanes
+                    c1: T.let[T.int32] = (2 * w + 1) % CHAINS * lanes
+                    iacc[T.ramp(c0, 1, lanes)] = dot(vec(iacc, c0), low, T.broadcast(xq4[(g * words + w) * 2], lanes))
+                    iacc[T.ramp(c1, 1, lanes)] = dot(vec(iacc, c1), high,
+                                                     T.broadcast(xq4[(g * words + w) * 2 + 1], lanes))
+                total = T.meta_var(chain_sum(iacc))
+                s = T.meta_var(row_vec(scales, t, g * lanes))
+                acc[T.ramp(0, 1, lanes)] = vec(acc, 0) + s * (
+                    T.Cast(vf32, total) * T.broadcast(dx[g], lanes)
+                    - row_vec(zeros, t, g * lanes) * T.broadcast(xsum[g], lanes))
+            y[0, T.ramp(t * lanes, 1, lanes)] = vec(acc, 0)
+
+    return kernel
+
+
+def dot_scheduler(layout: DotLayout, isa: str, gemm: Callable[[int, int], GemmKnobs] | None = None):
+    """The int4 kernel scheduler for quantize_linear with layout d{L}: decode gets the W4A8 GEMV
+    for `isa`, prefill the shared GEMM schedule (w4_cpu.py) over the same activation rounding."""
+    gemm = gemm or (lambda k, n: GemmKnobs())
+
+    def schedule(func: tirx.PrimFunc, group: int, rows: int | None) -> tirx.PrimFunc:
+        k, n = _kernel_shape(func)
+        if rows == 1:
+            dtype = func.params[0].dtype
+            if dtype != "float32":
+                raise ValueError(f"W4A8 kernels take float32 activations, not {dtype}; compile with --dtype float32")
+            return w4a8_gemv(k, n, group, layout.lanes, isa)
+        return schedule_gemm_interleaved(func, gemm(k, n))
+
+    return schedule
