@@ -113,7 +113,9 @@ def run_worker(kind: str, threads: int, artifact: str | None) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-DEFAULT_BUILDS = (("smollm2-f32", []), ("smollm2-rtn-w4g64", ["--quant", "rtn-w4g64", "--quantize-head"]))
+DEFAULT_BUILDS = (("smollm2-f32", []), ("smollm2-rtn-w4g64", ["--quant", "rtn-w4g64", "--quantize-head"]),
+                  # W4A8 (x86 with AVX2 or AVX-512 VNNI): int8 activations, as llama.cpp's Q4_0 runs
+                  ("smollm2-rtn-w4a8g64", ["--quant", "rtn-w4a8g64", "--quantize-head"]))
 
 
 def compile_default(tmp: Path, name: str, extra: list[str]) -> str:
