@@ -218,6 +218,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
 
     scheme = QuantScheme.parse(args.quant)
+    if scheme.act_bits != 16:  # this path scores dequantized weights in the float library
+        raise ValueError(f"--quant {scheme.name} rounds activations in its kernels, which the float library does "
+                         f"not; compile it (awqc compile --quant rtn-{scheme.name}) and evaluate the artifact")
     model = _load_eval_model(args.model)
     settings = QualitySettings(args.text, n_windows, args.window_len, args.calib_text, args.calib_samples,
                                args.calib_seq_len, args.gram_tokens or None, args.calib_stats, args.quantize_head,

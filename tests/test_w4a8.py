@@ -157,3 +157,8 @@ def test_w4a8_refused_where_it_cannot_run(target: str, dtype: str, match: str, t
                  "--dtype", dtype, "-o", str(out)])
     assert code != 0 and match in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_of_w4a8_weights_points_to_the_artifact(tiny_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", "--model", str(tiny_ckpt), "--method", "rtn", "--quant", "w4a8g32"]) != 0
+    assert "evaluate the artifact" in capsys.readouterr().err
