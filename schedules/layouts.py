@@ -112,17 +112,10 @@ class InterleavedLayout:
         return w4_gemm_interleaved(k, n, group, dtype, self.lanes, self.tile_rows, rows)
 
     def _tile(self, a: np.ndarray, unit: int) -> np.ndarray:
-        """[N, C] → [N/R, C*R]: runs of `unit` columns, the R rows of a tile side by side."""
-        n, c = a.shape
-        r = self.tile_rows
-        t = a.reshape(n // r, r, c // unit, unit).transpose(0, 2, 1, 3)
-        return np.ascontiguousarray(t.reshape(n // r, c * r))
+        return _tile(a, self.tile_rows, unit)
 
     def _untile(self, a: np.ndarray, unit: int) -> np.ndarray:
-        nt, cr = a.shape
-        r = self.tile_rows
-        t = a.reshape(nt, cr // (r * unit), r, unit).transpose(0, 2, 1, 3)
-        return np.ascontiguousarray(t.reshape(nt * r, cr // r))
+        return _untile(a, self.tile_rows, unit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +160,24 @@ class DotLayout:
         return w4_gemm_dot(k, n, group, dtype, self.lanes, rows)
 
     def _tile(self, a: np.ndarray) -> np.ndarray:
-        """[N, C] → [N/L, C*L]: column c of the tile's L rows side by side."""
-        n, c = a.shape
-        return np.ascontiguousarray(a.reshape(n // self.lanes, self.lanes, c).transpose(0, 2, 1).reshape(n // self.lanes, -1))
+        return _tile(a, self.lanes, 1)
 
     def _untile(self, a: np.ndarray) -> np.ndarray:
-        nt, cl = a.shape
-        return np.ascontiguousarray(a.reshape(nt, cl // self.lanes, self.lanes).transpose(0, 2, 1).reshape(nt * self.lanes, -1))
+        return _untile(a, self.lanes, 1)
+
+
+def _tile(a: np.ndarray, rows: int, unit: int) -> np.ndarray:
+    """[N, C] → [N/R, C*R]: runs of `unit` columns, the R rows of a tile side by side (the tiling
+    of both "i{L}r{R}" and "d{L}")."""
+    n, c = a.shape
+    t = a.reshape(n // rows, rows, c // unit, unit).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(t.reshape(n // rows, c * rows))
+
+
+def _untile(a: np.ndarray, rows: int, unit: int) -> np.ndarray:
+    nt, cr = a.shape
+    t = a.reshape(nt, cr // (rows * unit), rows, unit).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(t.reshape(nt * rows, cr // rows))
 
 
 Layout = K8Layout | InterleavedLayout | DotLayout
