@@ -4,9 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,28 +13,16 @@ import tvm
 
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
 from awqc.passes.quantizer import QuantizationError, QuantizedWeights, QuantScheme
-from awqc.runtime.artifact import FORMAT, LIBRARY, MANIFEST, TOKENIZER_DIR, WEIGHTS, hash_tree
+from awqc.runtime.artifact import FORMAT, LIBRARY, TOKENIZER_DIR, WEIGHTS, hash_tree, write_manifest
 from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
 from .llama import export_model
 from .model_import import ImportedModel
+from .output import OutputError, check_output, install, make_staging_dir
 from .pipeline import relax_pipeline, w4_scheduler
 from .targets import TargetSpec
 
 SUPPORTED_DTYPES = ("float32", "float16")
-
-
-class OutputExistsError(FileExistsError):
-    """The output path exists and --force was not given."""
-
-
-def check_output(out: Path, force: bool) -> None:
-    """Fail before any work if `out` exists (without force) or its parent is not writable."""
-    if out.exists() and not force:
-        raise OutputExistsError(f"output path {out} already exists; choose another path or pass --force")
-    parent = out.resolve().parent
-    if not parent.is_dir() and not out.exists():
-        parent.mkdir(parents=True, exist_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,20 +138,22 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
     With `quant`, its quantized linears run as int4 kernels (`method` is recorded, e.g. 'rtn')."""
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
-    check_output(out, force)
+    check_output(out, force, [Path(model.source)])
     check_int8_activations(spec, quant.scheme if quant else None, dtype)
     backend = w4_backend(spec, quant) if quant is not None else None
     ex, param_names = compile_library(model, spec, dtype, quant, backend)
     layout = backend.layout if backend else K8
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    tmp = make_staging_dir(out)
     try:
         kernels = None
         if spec.device == "cuda":  # CUDA kernels embedded as an nvcc fatbin (compiler/cuda_package.py)
             from .cuda_package import export_cuda_library
 
             kernels = export_cuda_library(ex, tmp / LIBRARY, spec)
-        else:
-            ex.export_library(str(tmp / LIBRARY), fcompile=spec.fcompile())
+        else:  # object files go inside tmp, so an interrupt leaves none in the system temp dir
+            (tmp / ".build").mkdir()
+            ex.export_library(str(tmp / LIBRARY), fcompile=spec.fcompile(), workspace_dir=str(tmp / ".build"))
+            shutil.rmtree(tmp / ".build", ignore_errors=True)
         _save_weights(tmp / WEIGHTS, artifact_tensors(model, quant, layout), param_names, dtype)
         model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         manifest = {
@@ -184,9 +172,13 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
             "tokenizer": tokenizer_info(model),
             "files": hash_tree(tmp),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, manifest)
         _make_readable(tmp)
-        _replace(tmp, out)
+        install(tmp, out, force)
+    except OSError as err:  # a full disk, a vanished directory: say so, leave nothing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing the artifact failed: {err.strerror or err} ({err.filename or tmp}); "
+                          f"nothing was left at {out}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -207,14 +199,3 @@ def _make_readable(root: Path) -> None:
     root.chmod(0o755)
     for p in root.rglob("*"):
         p.chmod(0o755 if p.is_dir() or p.suffix == ".so" else 0o644)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished tmp directory to out; an existing out (with --force) is swapped away first."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.rename(tmp, out)

@@ -77,8 +77,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .build import check_int8_activations, check_output, write_artifact
-    from .model_import import load_model
+    from .build import check_int8_activations, write_artifact
+    from .model_import import load_model, model_path
+    from .output import check_output
     from .targets import get_target
 
     spec = get_target(args.target)  # fail fast on bad arguments, before loading the model
@@ -88,12 +89,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         nvcc_path()
     method, scheme = parse_quant(args.quant)
     check_int8_activations(spec, scheme, args.dtype)
-    check_output(args.output, args.force)
+    if args.context_window is not None and args.context_window < 1:
+        raise ValueError(f"--context-window must be a positive number of tokens, got {args.context_window}")
+    inputs = [p for p in (model_path(args.model), args.calib_text, args.calib_stats) if p is not None]
+    check_output(args.output, args.force, inputs)
     t0 = time.time()
     model = load_model(args.model)
-    window = args.context_window or min(model.config.max_position_embeddings, 4096)
-    if window < 1:
-        raise ValueError(f"--context-window must be positive, got {window}")
+    window = context_window(args.context_window, model.config.max_position_embeddings)
     stats = None
     if method == "awq":
         from .awq import check_group_sizes
@@ -109,6 +111,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 QUANT_METHODS = ("rtn", "awq")
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def context_window(requested: int | None, model_max: int) -> int:
+    """--context-window, or the model's own at most 4096; never more than the model was trained for
+    (the KV cache of a window the model cannot use only costs memory)."""
+    if requested is None:
+        return min(model_max, DEFAULT_MAX_CONTEXT)
+    if requested > model_max:
+        raise ValueError(f"--context-window {requested} is longer than the model's max_position_embeddings "
+                         f"({model_max}); use at most {model_max}")
+    return requested
 
 
 def parse_quant(text: str):
@@ -150,6 +164,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from awqc.runtime.engine import Engine
     from awqc.runtime.sampling import SamplingParams
 
+    try:  # a prompt from a terminal in another encoding arrives with surrogate escapes
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("--prompt is not valid UTF-8 text; pass it in UTF-8") from None
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
     engine = Engine(args.artifact, args.device)
     ids = engine.encode_chat(args.prompt) if args.chat else engine.encode(args.prompt)
@@ -368,6 +386,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="awqc", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compile(sub)
     _add_run(sub)
@@ -378,13 +397,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the compile's cleanup runs and nothing is left behind."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. awqc's own errors (all ValueErrors naming the problem and the fix) and
+    OS errors print one line and exit 2; anything else prints one line and a hint to rerun with -v."""
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"awqc {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"awqc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else err
+        where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
+        print(f"awqc {args.command}: error: {detail}{where}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001  (the one place that turns a bug into one line)
+        if args.verbose:
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"awqc {args.command}: unexpected error {type(err).__name__}: {first}; rerun with -v for the "
+              "traceback and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -270,7 +270,8 @@ def export_cuda_library(ex: Any, out: Path, spec: TargetSpec) -> dict[str, Any]:
             tvm.get_global_func("codegen.codegen_blob")(blob, is_system_lib, target, prefix).write_to_file(obj)
             return obj
 
-        ex.mod.export_library(str(out), fcompile=spec.fcompile(), fpack_imports=pack_imports)
+        ex.mod.export_library(str(out), fcompile=spec.fcompile(), fpack_imports=pack_imports,
+                              workspace_dir=str(work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (out.parent / KERNELS_SOURCE).write_text(source)

@@ -41,9 +41,14 @@ def default_model_path() -> Path:
     return path
 
 
+def model_path(model: str) -> Path:
+    """The file or directory `--model` names ('default' is the packaged GGUF)."""
+    return default_model_path() if model == "default" else Path(model)
+
+
 def load_model(model: str) -> ImportedModel:
     """Load `model`: 'default', a .gguf file, or a Hugging Face checkpoint directory."""
-    path = default_model_path() if model == "default" else Path(model)
+    path = model_path(model)
     if not path.exists():
         raise ModelImportError(
             f"model path {path} does not exist; pass a Hugging Face checkpoint directory "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from awqc.compiler.cli import main
-from awqc.runtime.artifact import ArtifactError
+from awqc.runtime.artifact import ArtifactError, write_manifest
 from awqc.runtime.engine import Engine, PromptTooLongError
 
 
@@ -62,18 +62,6 @@ def test_unknown_target(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_ckpt
     assert_nothing_written(out)
 
 
-def test_output_exists_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_ckpt: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
-    assert compile_cli(str(tiny_ckpt), out) == 2
-    err = capsys.readouterr().err
-    assert "already exists" in err and "--force" in err
-    assert (out / "keep.txt").read_text() == "user data"
-    assert compile_cli(str(tiny_ckpt), out, "--force", "--context-window", "64") == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
-
-
 def test_failed_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import awqc.compiler.build as build
 
@@ -82,8 +70,7 @@ def test_failed_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path, monkeypa
 
     monkeypatch.setattr(build, "_save_weights", broken)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        compile_cli(str(tiny_ckpt), out)
+    assert compile_cli(str(tiny_ckpt), out) == 130
     assert_nothing_written(out)
 
 
@@ -131,6 +118,6 @@ def test_artifact_for_other_arch(tmp_path: Path, tiny_artifact: Path) -> None:
     shutil.copytree(tiny_artifact, art)
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["target"].update(arch="aarch64", name="arm-neon")
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(art, manifest)  # re-sealed: as if built so, not edited
     with pytest.raises(ArtifactError, match="built for aarch64"):
         Engine(art)

@@ -111,13 +111,13 @@ def test_runtime_refuses_unknown_layout(tmp_path: Path, quantized_pair: tuple[Pa
     import json
     import shutil
 
-    from awqc.runtime.artifact import ArtifactError
+    from awqc.runtime.artifact import ArtifactError, write_manifest
 
     art = tmp_path / "art"
     shutil.copytree(quantized_pair[0], art)
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["quantization"]["layout"] = "neon-interleaved-v9"
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(art, manifest)  # re-sealed: as if built so, not edited
     with pytest.raises(ArtifactError, match="layout 'neon-interleaved-v9'"):
         Engine(art)
 

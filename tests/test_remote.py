@@ -16,7 +16,7 @@ from awqc.compiler.cli import main, quantize_model
 from awqc.compiler.remote import (Endpoint, KernelStat, Profile, RemoteModel, classify, open_session, parse_endpoint,
                                   peak_for, roofline_figure)
 from awqc.passes.quantizer import QuantScheme
-from awqc.runtime.artifact import ArtifactError
+from awqc.runtime.artifact import ArtifactError, write_manifest
 from awqc.runtime.engine import Engine
 
 from conftest import make_checkpoint
@@ -178,12 +178,12 @@ def test_unknown_arch(int4_artifact: Path, capsys: pytest.CaptureFixture) -> Non
 
 @pytest.fixture
 def fake_cuda_artifact(int4_artifact: Path, tmp_path: Path) -> Path:
-    """The host artifact relabelled as a cuda-sm90 one (the manifest is not among the hashed files)."""
+    """The host artifact relabelled as a cuda-sm90 one (re-sealed, as a real build for that target would be)."""
     art = tmp_path / "cuda"
     shutil.copytree(int4_artifact, art)
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["target"].update({"name": "cuda-sm90", "device": "cuda", "arch": platform.machine()})
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(art, manifest)  # re-sealed: as if built so, not edited
     return art
 
 

@@ -1,0 +1,164 @@
+"""The output path never loses data: -o is checked before any work, the artifact is moved into
+place by an atomic rename that fails if something appeared there meanwhile, and --force replaces
+only an awqc artifact, never the user's files or the model's own input."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import awqc.compiler.build as build
+from awqc.compiler.cli import main
+
+
+def compile_cli(model: Path | str, out: Path, *extra: str) -> int:
+    return main(["compile", "--model", str(model), "--target", "host", "-o", str(out), "--context-window", "64",
+                 *extra])
+
+
+def leftovers(out: Path) -> list[str]:
+    """Staging or swapped-out directories beside out."""
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def user_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "keep.txt").write_text("user data")
+    return path
+
+
+def during_compile(monkeypatch: pytest.MonkeyPatch, action) -> None:
+    """Run `action` after the start-of-compile checks, while the library is being compiled."""
+    real = build.compile_library
+
+    def compile_then_act(*args, **kwargs):
+        result = real(*args, **kwargs)
+        action()
+        return result
+
+    monkeypatch.setattr(build, "compile_library", compile_then_act)
+
+
+def test_existing_output_needs_force(tmp_path: Path, tiny_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    out = user_dir(tmp_path / "out")
+    assert compile_cli(tiny_ckpt, out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data" and not leftovers(out)
+
+
+def test_force_refuses_what_is_not_an_artifact(tmp_path: Path, tiny_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    out = user_dir(tmp_path / "out")
+    assert compile_cli(tiny_ckpt, out, "--force") == 2
+    assert "not an awqc artifact" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data" and not leftovers(out)
+
+
+def test_force_replaces_an_artifact(tmp_path: Path, tiny_ckpt: Path, tiny_artifact: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(tiny_artifact, out)
+    (out / "lib.so").write_bytes(b"old")  # marks the old copy
+    assert compile_cli(tiny_ckpt, out, "--force") == 0
+    assert (out / "lib.so").read_bytes() != b"old" and not leftovers(out)
+
+
+def test_force_never_replaces_the_model(tmp_path: Path, tiny_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    before = sorted(p.name for p in ckpt.iterdir())
+    assert compile_cli(ckpt, ckpt, "--force") == 2
+    assert "input" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert compile_cli(ckpt, tmp_path, "--force") == 2  # -o holding the model
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_symlink_output_refused(tmp_path: Path, tiny_ckpt: Path, tiny_artifact: Path,
+                                capsys: pytest.CaptureFixture) -> None:
+    real = tmp_path / "real"
+    shutil.copytree(tiny_artifact, real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert compile_cli(tiny_ckpt, link, "--force") == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert link.is_symlink() and (real / "manifest.json").is_file() and not leftovers(link)
+
+
+def test_directory_appearing_during_compile_is_kept(tmp_path: Path, tiny_ckpt: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    during_compile(monkeypatch, lambda: user_dir(out))
+    assert compile_cli(tiny_ckpt, out) == 2
+    assert "appeared while compiling" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data" and not leftovers(out)
+
+
+def test_directory_appearing_during_forced_compile_is_kept(tmp_path: Path, tiny_ckpt: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    during_compile(monkeypatch, lambda: user_dir(out))
+    assert compile_cli(tiny_ckpt, out, "--force") == 2
+    assert (out / "keep.txt").read_text() == "user data" and not leftovers(out)
+
+
+def test_racing_compile_loses_cleanly(tmp_path: Path, tiny_ckpt: Path, tiny_artifact: Path,
+                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A second compile that finishes first wins; the later one errors and leaves it whole."""
+    out = tmp_path / "out"
+    during_compile(monkeypatch, lambda: shutil.copytree(tiny_artifact, out))
+    assert compile_cli(tiny_ckpt, out) == 2
+    assert "appeared while compiling" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_artifact.iterdir())
+    assert not leftovers(out)
+
+
+@pytest.mark.parametrize("name, message", [("sub/..", "does not name a new directory"),
+                                           ("x" * 250, "too long"),
+                                           ("file/out", "cannot write the artifact")])
+def test_bad_output_names(tmp_path: Path, tiny_ckpt: Path, capsys: pytest.CaptureFixture,
+                          name: str, message: str) -> None:
+    (tmp_path / "file").write_text("a file, not a directory")
+    assert compile_cli(tiny_ckpt, tmp_path / name) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_full_disk_leaves_nothing(tmp_path: Path, tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture) -> None:
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "weights.safetensors")
+
+    monkeypatch.setattr(build, "_save_weights", full)
+    out = tmp_path / "out"
+    assert compile_cli(tiny_ckpt, out) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and not leftovers(out)
+
+
+@pytest.mark.parametrize("window, message", [("0", "must be a positive"), ("100000000", "max_position_embeddings")])
+def test_context_window_range(tmp_path: Path, tiny_ckpt: Path, capsys: pytest.CaptureFixture,
+                              window: str, message: str) -> None:
+    out = tmp_path / "out"
+    assert main(["compile", "--model", str(tiny_ckpt), "-o", str(out), "--context-window", window]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_sigterm_during_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """Killed while writing the artifact (its staging directory exists): nothing is left."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "awqc.compiler.cli", "compile", "--model", str(tiny_ckpt),
+                             "-o", str(out), "--context-window", "64"], stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not leftovers(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert leftovers(out), "the compile ended before its staging directory appeared"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert not out.exists() and not leftovers(out)
