@@ -127,9 +127,16 @@ def tokenizer_info(model: ImportedModel) -> dict[str, Any]:
     eos = list(model.config.eos_token_ids)
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(int(tok.eos_token_id))
-    return {"eos_token_ids": eos, "bos_token_id": model.config.bos_token_id,
+    info = {"eos_token_ids": eos, "bos_token_id": model.config.bos_token_id,
             "bos_token": tok.bos_token or "", "eos_token": tok.eos_token or "",
             "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None}
+    if info["chat_template"]:
+        # The template is the checkpoint author's code and runs at `awqc run --chat`: a syntax error or a
+        # sandbox escape is a compile error (ChatTemplateError is a ValueError), not a surprise on a device.
+        from awqc.runtime.chat_template import check_chat_template
+
+        check_chat_template(info["chat_template"], model.source, info["bos_token"], info["eos_token"])
+    return info
 
 
 def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, context_window: int,

@@ -1,6 +1,6 @@
 """Load an awqc artifact and decode text: KV cache, chunked prefill, token-by-token decode.
 
-Imports only the TVM runtime, numpy and tokenizers (jinja2 for chat templates), so a device
+Imports only the TVM runtime, numpy and tokenizers (jinja2, sandboxed, for chat templates), so a device
 gets this package and an artifact and nothing of the compiler.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
-from .artifact import (LIBRARY, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device, load_safetensors,
+from .artifact import (LIBRARY, MANIFEST, ArtifactError, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device, load_safetensors,
                        read_manifest, verify_files)
+from .chat_template import render_chat
 from .sampling import Sampler, SamplingParams
 
 _PAGE_SIZE = 16
@@ -30,6 +31,7 @@ class Engine:
     def __init__(self, artifact: str | Path, device: str | None = None):
         """device: a TVM device string ("cpu", "cuda", "cuda:1"); None is the artifact's kind."""
         root = Path(artifact)
+        self.root = root
         self.manifest = read_manifest(root)
         verify_files(root, self.manifest)
         check_compatible(self.manifest, tvm.__version__)
@@ -40,6 +42,9 @@ class Engine:
         self.eos_token_ids = set(self.manifest["tokenizer"]["eos_token_ids"])
         self.vm = VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), self.device)
         weights = load_safetensors(root / WEIGHTS)
+        missing = [n for n in self.manifest["params"] if n not in weights]
+        if missing:
+            raise ArtifactError(f"{root / WEIGHTS} lacks the parameters {', '.join(missing[:3])}; recompile the artifact")
         self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device) for n in self.manifest["params"]]
         self.tokenizer = _load_tokenizer(root / TOKENIZER_DIR)
         self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
@@ -62,12 +67,9 @@ class Engine:
         template = info["chat_template"]
         if not template:
             raise ValueError("this model's tokenizer has no chat template; run without --chat")
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(template).render(
-            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-            bos_token=info["bos_token"], eos_token=info["eos_token"])
+        # The template is someone else's code: render_chat runs it in jinja2's sandbox
+        text = render_chat(template, [{"role": "user", "content": user_message}], f"{self.root}/{MANIFEST}",
+                           add_generation_prompt=True, bos_token=info["bos_token"], eos_token=info["eos_token"])
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode_text(self, ids: list[int]) -> str:
