@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -53,75 +54,293 @@ class ModelConfig:
         return cls(**d)
 
 
-def _rope_parameters(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """Theta and scaling from either transformers 4 (`rope_theta`, `rope_scaling`) or
-    transformers 5 (`rope_parameters`) spelling."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling.update(params)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
-    scaling["rope_type"] = rope_type
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"RoPE scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if rope_type == "default":
-        return theta, {}
-    return theta, scaling
+# ------------------------------------------------------------------------------- validation
+# config.json comes from a model hub and is untrusted: every field awqc uses is checked for type,
+# range and consistency here, before any weight is read, so that a bad file is one clear
+# UnsupportedModelError naming the field, the value and what is expected, never a traceback later.
+
+# Caps well above any released model; they stop absurd sizes before any allocation.
+MAX_VOCAB = 2**24
+MAX_HIDDEN = 65536
+MAX_INTERMEDIATE = 2**20
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_POSITIONS = 2**24
+DEFAULT_ROPE_THETA = 10000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta
+
+
+def _show(value: Any) -> str:
+    """repr of a value for a message, cut short: the file may hold anything."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's int-to-str digit limit
+        text = f"<{type(value).__name__} too long to print>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bad(field: str, value: Any, expected: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"config.json field {field!r} is {_show(value)}; expected {expected}")
+
+
+def _is_int(value: Any) -> bool:
+    # JSON integers only: bool is an int subclass in Python, and 576.0 or "576" is a broken file.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(field: str, value: Any, lo: int, hi: int) -> int:
+    if not _is_int(value) or not lo <= value <= hi:
+        raise _bad(field, value, f"an integer from {lo} to {hi}")
+    return value
+
+
+def _int(hf: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+    """hf[key] as an integer in [lo, hi]; `default` when absent (no default: the field is required)."""
+    if key not in hf:
+        if default is None:
+            raise UnsupportedModelError(f"config.json lacks the required field {key!r}")
+        return default
+    return _check_int(key, hf[key], lo, hi)
+
+
+def _check_positive_float(field: str, value: Any) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        number = float(value) if ok else math.nan
+    except OverflowError:  # a JSON integer too large for a float
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):  # also refuses NaN, which compares false
+        raise _bad(field, value, "a finite number > 0")
+    return number
+
+
+def _float(hf: dict[str, Any], key: str, default: float) -> float:
+    """hf[key] as a finite float > 0 (an explicit null is refused: transformers would keep None)."""
+    return default if key not in hf else _check_positive_float(key, hf[key])
+
+
+def _bool(hf: dict[str, Any], key: str, default: bool) -> bool:
+    value = hf.get(key, default)
+    if not isinstance(value, bool):  # bool("false") is True: never coerce
+        raise _bad(key, value, "true or false")
+    return value
+
+
+def _token_ids(hf: dict[str, Any], key: str, vocab: int, allow_list: bool) -> tuple[int, ...]:
+    """Token ids awqc feeds to or compares with the embedding: each in [0, vocab_size)."""
+    value = hf.get(key)
+    if value is None:
+        return ()
+    ids = value if allow_list and isinstance(value, list) else [value]
+    expected = f"a token id from 0 to {vocab - 1} (vocab_size {vocab})" + (", or a list of them" if allow_list else "")
+    for i in ids:
+        if not _is_int(i) or not 0 <= i < vocab:
+            raise _bad(key, value, expected)
+    return tuple(ids)
 
 
 def _check_supported(hf: dict[str, Any]) -> str:
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise _bad("architectures", archs, "a list of model class names such as ['LlamaForCausalLM']")
     model_type = hf.get("model_type")
     if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise UnsupportedModelError(
             f"architecture {', '.join(archs)} is not supported; awqc compiles the Llama family: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"model_type {_show(model_type)} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise UnsupportedModelError(f"hidden_act {act!r} is not supported; the Llama family uses 'silu'")
-    if hf.get("mlp_bias"):
+        raise UnsupportedModelError(f"hidden_act {_show(act)} is not supported; the Llama family uses 'silu'")
+    if _bool(hf, "mlp_bias", False):
         raise UnsupportedModelError("mlp_bias=true is not supported; supported: MLPs without bias")
-    if hf.get("sliding_window") and hf.get("use_sliding_window", model_type == "mistral"):
-        window = hf["sliding_window"]
-        if window < hf.get("max_position_embeddings", 0):
-            raise UnsupportedModelError(
-                f"sliding-window attention (window {window}) is not supported; "
-                "supported: full attention (sliding_window null or >= max_position_embeddings)")
     return model_type
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Build a ModelConfig from a Hugging Face config.json dict, refusing what awqc cannot compile."""
+def _check_attention_window(hf: dict[str, Any], model_type: str, max_positions: int) -> None:
+    # As transformers: Qwen2 slides only with use_sliding_window, Mistral whenever sliding_window is set.
+    window = hf.get("sliding_window")
+    if window is None:
+        return
+    _check_int("sliding_window", window, 0, 2**31)
+    if window and _bool(hf, "use_sliding_window", model_type == "mistral") and window < max_positions:
+        raise UnsupportedModelError(
+            f"sliding-window attention (window {window}) is not supported; "
+            "supported: full attention (sliding_window null or >= max_position_embeddings)")
+
+
+# ------------------------------------------------------------------------------- RoPE
+# transformers 5 (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict / standardize_rope_params in
+# modeling_rope_utils.py) resolves RoPE from config.json like this:
+#   * the dict used is `rope_scaling or rope_parameters`: a non-empty rope_scaling (the transformers 4
+#     spelling) replaces rope_parameters whole; nothing is merged;
+#   * in that dict "rope_type" wins over the legacy "type", and neither means "default";
+#   * theta is the dict's own "rope_theta", else the top-level "rope_theta", else 10000.
+# awqc computes the same, and refuses a file where the spellings disagree instead of silently picking
+# one: both dicts given with a different value for a key, or a key that only rope_parameters sets
+# (transformers would drop it), "type" and "rope_type" that differ, or a rope_theta stated anywhere
+# with a value other than the one transformers uses.  A consistent file gives transformers' RoPE.
+
+_ROPE_KEYS = {  # the keys each supported type reads (what awqc keeps in ModelConfig.rope_scaling)
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope_dict(hf: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """rope_scaling or rope_parameters with the legacy "type" folded into "rope_type"; None when absent."""
+    value = hf.get(key)
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise _bad(key, value, "an object such as {\"rope_type\": \"linear\", \"factor\": 2.0}, or null")
+    if any(isinstance(v, dict) for v in value.values()):
+        raise UnsupportedModelError(
+            f"config.json field {key!r} holds per-layer RoPE parameters ({', '.join(map(str, value))}); "
+            "supported: one RoPE for all layers")
+    out = dict(value)
+    if "type" in out:
+        legacy = out.pop("type")
+        if "rope_type" in out and out["rope_type"] != legacy:
+            raise UnsupportedModelError(
+                f"config.json field {key!r} has type {_show(legacy)} and rope_type {_show(out['rope_type'])}; "
+                "they must agree (transformers would use rope_type)")
+        out.setdefault("rope_type", legacy)
+    out.setdefault("rope_type", "default")
+    return out
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """RoPE theta and scaling as transformers resolves them (see above), validated."""
+    scaling, params = _rope_dict(hf, "rope_scaling"), _rope_dict(hf, "rope_parameters")
+    if scaling is not None and params is not None:
+        for k, v in params.items():
+            if k == "rope_theta":
+                continue  # checked with the other thetas below
+            if k not in scaling:
+                raise UnsupportedModelError(
+                    f"config.json has rope_parameters.{k} = {_show(v)} but rope_scaling does not set {k}; "
+                    "transformers uses rope_scaling alone when both are given, so it would ignore it: "
+                    "keep one of rope_scaling and rope_parameters")
+            if scaling[k] != v:
+                given = hf["rope_scaling"]
+                unset = k == "rope_type" and "rope_type" not in given and "type" not in given
+                unset_note = " (unset, which means 'default')" if unset else ""
+                raise UnsupportedModelError(
+                    f"config.json has rope_scaling.{k} = {_show(scaling[k])}{unset_note} but rope_parameters.{k} = "
+                    f"{_show(v)}; they must agree (transformers would use rope_scaling)")
+    rope = scaling if scaling is not None else (params or {"rope_type": "default"})
+
+    # Every stated theta must be valid and equal to the one transformers uses.
+    stated = {name: d["rope_theta"] for name, d in (("rope_scaling", scaling), ("rope_parameters", params))
+              if d is not None and "rope_theta" in d}
+    if "rope_theta" in hf:
+        stated["top-level"] = hf["rope_theta"]
+    for name, value in stated.items():
+        _check_positive_float("rope_theta" if name == "top-level" else f"{name}.rope_theta", value)
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", DEFAULT_ROPE_THETA)))
+    if any(float(v) != theta for v in stated.values()):
+        where = ", ".join(f"{_show(v)} ({name})" for name, v in stated.items())
+        raise UnsupportedModelError(
+            f"config.json states rope_theta as {where}; transformers would use {theta!r} (the RoPE dict's "
+            "own rope_theta, else the top-level one, else 10000, with rope_scaling replacing rope_parameters "
+            "when both are given). Make them agree or keep one")
+
+    rope_type = rope["rope_type"]
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE scaling type {_show(rope_type)} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, {}
+    name = "rope_scaling" if scaling is not None else "rope_parameters"
+    missing = [k for k in _ROPE_KEYS[rope_type] if k not in rope]
+    if missing:
+        raise UnsupportedModelError(
+            f"config.json field {name!r} has rope_type {rope_type!r} but lacks {', '.join(missing)}; "
+            f"{rope_type} RoPE needs {', '.join(_ROPE_KEYS[rope_type])}")
+    out: dict[str, Any] = {"rope_type": rope_type,
+                           "factor": _check_positive_float(f"{name}.factor", rope["factor"])}
+    if rope_type == "llama3":
+        low = _check_positive_float(f"{name}.low_freq_factor", rope["low_freq_factor"])
+        high = _check_positive_float(f"{name}.high_freq_factor", rope["high_freq_factor"])
+        if high <= low:  # llama3 divides by (high - low)
+            raise _bad(f"{name}.high_freq_factor", rope["high_freq_factor"],
+                       f"a number greater than low_freq_factor ({_show(rope['low_freq_factor'])})")
+        out.update(low_freq_factor=low, high_freq_factor=high,
+                   original_max_position_embeddings=_check_int(
+                       f"{name}.original_max_position_embeddings", rope["original_max_position_embeddings"],
+                       1, MAX_POSITIONS))
+    return theta, out
+
+
+# ------------------------------------------------------------------------------- public
+def config_from_hf(hf: Any) -> ModelConfig:
+    """Build a ModelConfig from a Hugging Face config.json (parsed JSON, untrusted), refusing with an
+    UnsupportedModelError whatever awqc cannot compile or the file gets wrong."""
+    if not isinstance(hf, dict):
+        raise UnsupportedModelError(
+            f"config.json must be a JSON object of model settings, got a JSON {type(hf).__name__}: {_show(hf)}")
     model_type = _check_supported(hf)
-    try:
-        heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        theta, scaling = _rope_parameters(hf)
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=int(hf["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases and none on o_proj; Llama's attention_bias covers all four.
-            attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-            o_proj_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            model_type=model_type,
-        )
-    except KeyError as err:
-        raise UnsupportedModelError(f"config.json lacks the required field {err.args[0]!r}") from None
+
+    vocab = _int(hf, "vocab_size", 1, MAX_VOCAB)
+    hidden = _int(hf, "hidden_size", 1, MAX_HIDDEN)
+    intermediate = _int(hf, "intermediate_size", 1, MAX_INTERMEDIATE)
+    layers = _int(hf, "num_hidden_layers", 1, MAX_LAYERS)
+    heads = _int(hf, "num_attention_heads", 1, MAX_HEADS)
+    # null means "same as num_attention_heads" / "hidden_size // num_attention_heads", as in transformers.
+    kv_heads = heads if hf.get("num_key_value_heads") is None else _int(hf, "num_key_value_heads", 1, MAX_HEADS)
+    if heads % kv_heads:
+        raise UnsupportedModelError(
+            f"config.json has num_attention_heads {heads}, not a multiple of num_key_value_heads {kv_heads}; "
+            "grouped-query attention needs each KV head to serve a whole group of query heads")
+    if hf.get("head_dim") is None:
+        if hidden % heads:
+            raise UnsupportedModelError(
+                f"config.json has no head_dim and hidden_size {hidden} is not a multiple of "
+                f"num_attention_heads {heads}; give head_dim or fix the sizes")
+        head_dim = hidden // heads
+        if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+            raise UnsupportedModelError(
+                f"config.json has no head_dim, and hidden_size {hidden} // num_attention_heads {heads} = "
+                f"{head_dim}; expected an even head size from 2 to {MAX_HEAD_DIM} (RoPE rotates pairs)")
+    else:
+        head_dim = _int(hf, "head_dim", 1, MAX_HEAD_DIM)
+        if head_dim % 2:  # RoPE rotates pairs of dimensions
+            raise _bad("head_dim", head_dim, f"an even integer from 2 to {MAX_HEAD_DIM} (RoPE rotates pairs)")
+    max_positions = _int(hf, "max_position_embeddings", 1, MAX_POSITIONS, default=2048)
+    _check_attention_window(hf, model_type, max_positions)
+    theta, scaling = _rope(hf)
+    bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
+    attention_bias = _bool(hf, "attention_bias", False)
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_float(hf, "rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=_bool(hf, "tie_word_embeddings", False),
+        # Qwen2 always has q/k/v biases and none on o_proj; Llama's attention_bias covers all four.
+        attention_bias=model_type == "qwen2" or attention_bias,
+        o_proj_bias=model_type != "qwen2" and attention_bias,
+        bos_token_id=bos[0] if bos else None,
+        eos_token_ids=_token_ids(hf, "eos_token_id", vocab, allow_list=True),
+        model_type=model_type,
+    )
+
+
+def check_vocab(cfg: ModelConfig, n_tokens: int, source: str) -> None:
+    """Refuse a tokenizer that can produce ids the embedding has no row for (fewer tokens is fine:
+    checkpoints pad vocab_size)."""
+    if n_tokens > cfg.vocab_size:
+        raise UnsupportedModelError(
+            f"the tokenizer of {source} has {n_tokens} tokens but the model's vocab_size is {cfg.vocab_size}: "
+            f"token ids past {cfg.vocab_size - 1} would read outside the embedding; "
+            "the tokenizer does not belong to this model")

@@ -1,0 +1,290 @@
+"""config_from_hf refuses every bad config.json field with an UnsupportedModelError naming it, and
+reads a valid one the way transformers does."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from awqc.compiler.config import ModelConfig, UnsupportedModelError, check_vocab, config_from_hf
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+def hf_dict(model_type: str = "llama", **kw: Any) -> dict[str, Any]:
+    """config.json as transformers writes it (transformers 5: RoPE in rope_parameters)."""
+    from transformers import AutoConfig
+
+    d = AutoConfig.for_model(model_type, **{**TINY, **kw}).to_dict()
+    d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "mistral": "MistralForCausalLM"}[model_type]]
+    return json.loads(json.dumps(d))  # exactly what a config.json round trip gives
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, Any]:
+    return hf_dict()
+
+
+def set_(key: str, value: Any) -> Callable[[dict], None]:
+    def f(d: dict) -> None:
+        d[key] = value
+    return f
+
+
+def drop(key: str) -> Callable[[dict], None]:
+    return lambda d: d.pop(key)
+
+
+def rope(**params: Any) -> Callable[[dict], None]:
+    """Replace rope_parameters (keeping transformers' theta) with the given keys."""
+    def f(d: dict) -> None:
+        d["rope_parameters"] = {"rope_theta": 10000.0, **params}
+    return f
+
+
+def both(*fs: Callable[[dict], None]) -> Callable[[dict], None]:
+    def f(d: dict) -> None:
+        for g in fs:
+            g(d)
+    return f
+
+
+# (mutation of the valid base, substrings the message must contain)
+BAD = {
+    "layers-negative": (set_("num_hidden_layers", -1), ["num_hidden_layers", "-1", "from 1 to"]),
+    "layers-zero": (set_("num_hidden_layers", 0), ["num_hidden_layers", "0"]),
+    "layers-huge": (set_("num_hidden_layers", 10**6), ["num_hidden_layers", "1000000"]),
+    "heads-zero": (set_("num_attention_heads", 0), ["num_attention_heads", "0"]),
+    "heads-float": (set_("num_attention_heads", 4.0), ["num_attention_heads", "4.0", "integer"]),
+    "vocab-string": (set_("vocab_size", "320"), ["vocab_size", "'320'", "integer"]),
+    "vocab-huge": (set_("vocab_size", 2**30), ["vocab_size", str(2**30)]),
+    "vocab-missing": (drop("vocab_size"), ["lacks the required field 'vocab_size'"]),
+    "hidden-bool": (set_("hidden_size", True), ["hidden_size", "True", "integer"]),
+    "hidden-huge": (set_("hidden_size", 10**6), ["hidden_size", "1000000"]),
+    "intermediate-fraction": (set_("intermediate_size", 96.5), ["intermediate_size", "96.5"]),
+    "intermediate-null": (set_("intermediate_size", None), ["intermediate_size", "None"]),
+    "kv-heads-zero": (set_("num_key_value_heads", 0), ["num_key_value_heads", "0"]),
+    "kv-heads-not-divisor": (set_("num_key_value_heads", 3), ["num_attention_heads 4", "num_key_value_heads 3"]),
+    "head-dim-odd": (set_("head_dim", 15), ["head_dim", "15", "even"]),
+    "head-dim-negative": (set_("head_dim", -16), ["head_dim", "-16"]),
+    "hidden-not-multiple": (both(set_("head_dim", None), set_("hidden_size", 66)),
+                            ["hidden_size 66", "num_attention_heads 4", "head_dim"]),
+    "max-pos-zero": (set_("max_position_embeddings", 0), ["max_position_embeddings", "0"]),
+    "max-pos-huge": (set_("max_position_embeddings", 2**40), ["max_position_embeddings"]),
+    "eps-nan": (set_("rms_norm_eps", float("nan")), ["rms_norm_eps", "nan", "finite number > 0"]),
+    "eps-negative": (set_("rms_norm_eps", -1e-6), ["rms_norm_eps", "-1e-06"]),
+    "eps-string": (set_("rms_norm_eps", "1e-6"), ["rms_norm_eps", "'1e-6'"]),
+    "eps-bool": (set_("rms_norm_eps", True), ["rms_norm_eps", "True"]),
+    "eps-too-big-for-float": (set_("rms_norm_eps", 10**400), ["rms_norm_eps", "finite number"]),
+    "theta-zero": (rope(rope_type="default", rope_theta=0), ["rope_parameters.rope_theta", "0"]),
+    "theta-inf-top-level": (set_("rope_theta", float("inf")), ["'rope_theta'", "inf"]),
+    "theta-string": (rope(rope_type="default", rope_theta="1e4"), ["rope_theta", "'1e4'"]),
+    "bos-past-vocab": (set_("bos_token_id", 320), ["bos_token_id", "320", "0 to 319"]),
+    "bos-list": (set_("bos_token_id", [1]), ["bos_token_id", "[1]"]),
+    "eos-negative": (set_("eos_token_id", -1), ["eos_token_id", "-1"]),
+    "eos-list-past-vocab": (set_("eos_token_id", [2, 999]), ["eos_token_id", "[2, 999]", "list"]),
+    "eos-string": (set_("eos_token_id", "2"), ["eos_token_id", "'2'"]),
+    "tie-string": (set_("tie_word_embeddings", "false"), ["tie_word_embeddings", "'false'", "true or false"]),
+    "attention-bias-int": (set_("attention_bias", 1), ["attention_bias", "1", "true or false"]),
+    "mlp-bias-string": (set_("mlp_bias", "no"), ["mlp_bias", "'no'"]),
+    "linear-factor-zero": (rope(rope_type="linear", factor=0), ["rope_parameters.factor", "0"]),
+    "linear-factor-nan": (rope(rope_type="linear", factor=float("nan")), ["rope_parameters.factor", "nan"]),
+    "linear-factor-missing": (rope(rope_type="linear"), ["lacks factor"]),
+    "llama3-low-missing": (rope(**{k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
+                           ["rope_parameters", "lacks low_freq_factor"]),
+    "llama3-orig-missing": (rope(**{k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}),
+                            ["lacks original_max_position_embeddings"]),
+    "llama3-high-below-low": (rope(**{**LLAMA3, "high_freq_factor": 1.0}),
+                              ["rope_parameters.high_freq_factor", "greater than low_freq_factor"]),
+    "llama3-orig-zero": (rope(**{**LLAMA3, "original_max_position_embeddings": 0}),
+                         ["rope_parameters.original_max_position_embeddings", "0"]),
+    "rope-type-unsupported": (rope(rope_type="yarn", factor=2.0), ["'yarn' is not supported"]),
+    "rope-type-number": (rope(rope_type=3), ["RoPE scaling type 3"]),
+    "rope-type-and-type": (set_("rope_scaling", {"type": "linear", "rope_type": "llama3", "factor": 2.0}),
+                           ["'rope_scaling'", "'linear'", "'llama3'"]),
+    "rope-parameters-list": (set_("rope_parameters", [10000.0]), ["rope_parameters", "[10000.0]", "object"]),
+    "rope-per-layer": (set_("rope_parameters", {"full_attention": {"rope_type": "default"}}), ["per-layer"]),
+    "model-type-missing": (drop("model_type"), ["model_type None is not supported"]),
+    "model-type-list": (set_("model_type", ["llama"]), ["model_type ['llama']"]),
+    "architectures-string": (set_("architectures", "LlamaForCausalLM"), ["architectures", "a list"]),
+    "sliding-window-string": (set_("sliding_window", "4096"), ["sliding_window", "'4096'"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_field_is_refused(base: dict[str, Any], name: str) -> None:
+    mutate, needles = BAD[name]
+    hf = copy.deepcopy(base)
+    mutate(hf)
+    with pytest.raises(UnsupportedModelError) as err:
+        config_from_hf(hf)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_long_values_are_cut_short(base: dict[str, Any]) -> None:
+    with pytest.raises(UnsupportedModelError) as err:
+        config_from_hf({**base, "eos_token_id": list(range(10**5)) + [-1]})
+    assert "eos_token_id" in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("doc", [[{"vocab_size": 320}], "llama", 3, None])
+def test_config_must_be_an_object(doc: Any) -> None:
+    with pytest.raises(UnsupportedModelError, match="config.json must be a JSON object"):
+        config_from_hf(doc)
+
+
+# ------------------------------------------------------------------------------- RoPE spellings
+LINEAR2 = {"rope_type": "linear", "factor": 2.0}
+CONFLICTS = {
+    "factor": (dict(rope_scaling={"type": "linear", "factor": 4.0}, rope_parameters={**LINEAR2, "rope_theta": 1e4}),
+               ["rope_scaling.factor = 4.0", "rope_parameters.factor = 2.0"]),
+    "type": (dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_parameters={**LLAMA3, "rope_theta": 1e4}),
+             ["rope_scaling.rope_type = 'linear'", "rope_parameters.rope_type = 'llama3'"]),
+    # rope_scaling without a type is default RoPE to transformers, whatever rope_parameters says
+    "untyped-scaling": (dict(rope_scaling={"factor": 2.0}, rope_parameters=LINEAR2),
+                        ["rope_scaling.rope_type = 'default' (unset", "rope_parameters.rope_type = 'linear'"]),
+    "key-only-in-parameters": (dict(rope_scaling={k: v for k, v in LLAMA3.items()
+                                                  if k != "original_max_position_embeddings"},
+                                    rope_parameters={**LLAMA3, "rope_theta": 1e4}),
+                               ["rope_parameters.original_max_position_embeddings", "rope_scaling does not set"]),
+    "theta-top-level-vs-parameters": (dict(rope_theta=500000.0, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 10000.0}),
+                                      ["rope_theta", "500000.0 (top-level)", "10000.0 (rope_parameters)"]),
+    "theta-top-level-vs-scaling": (dict(rope_theta=500000.0, rope_parameters=None,
+                                        rope_scaling={**LINEAR2, "rope_theta": 3.0}),
+                                   ["rope_theta", "500000.0 (top-level)", "3.0 (rope_scaling)"]),
+    # transformers drops rope_parameters (and its theta) for rope_scaling, then uses the default theta
+    "theta-dropped-with-parameters": (dict(rope_scaling=LINEAR2, rope_parameters={**LINEAR2, "rope_theta": 5e5}),
+                                      ["500000.0 (rope_parameters)", "transformers would use 10000.0"]),
+}
+
+
+def with_rope(base: dict[str, Any], **rope_fields: Any) -> dict[str, Any]:
+    hf = {k: v for k, v in base.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    return {**hf, **copy.deepcopy(rope_fields)}
+
+
+@pytest.mark.parametrize("name", list(CONFLICTS))
+def test_conflicting_rope_spellings_are_refused(base: dict[str, Any], name: str) -> None:
+    fields, needles = CONFLICTS[name]
+    with pytest.raises(UnsupportedModelError) as err:
+        config_from_hf(with_rope(base, **fields))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def load_with_transformers(hf: dict[str, Any], tmp_path: Path) -> Any:
+    """The independent reference: transformers reading the same config.json."""
+    from transformers import AutoConfig
+
+    d = tmp_path / "cfg"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(hf))
+    return AutoConfig.from_pretrained(str(d))
+
+
+def test_transformers_resolves_rope_as_awqc_assumes(base: dict[str, Any], tmp_path: Path) -> None:
+    """The rule config.py's RoPE code is written against: rope_scaling replaces rope_parameters whole,
+    and the dict's theta wins over the top-level one. If transformers changes this, revisit _rope."""
+    ref = load_with_transformers(with_rope(base, rope_scaling={"type": "linear", "factor": 4.0},
+                                           rope_parameters={**LLAMA3, "rope_theta": 5e5}), tmp_path)
+    assert ref.rope_parameters["rope_type"] == "linear" and ref.rope_parameters["factor"] == 4.0
+    assert ref.rope_parameters["rope_theta"] == 10000.0
+    ref = load_with_transformers(with_rope(base, rope_theta=1e6, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": 5e5}), tmp_path)
+    assert ref.rope_parameters["rope_theta"] == 5e5
+
+
+def summary(cfg: ModelConfig) -> dict[str, Any]:
+    scaling = cfg.rope_scaling
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+                bos_token_id=cfg.bos_token_id, eos_token_ids=cfg.eos_token_ids, rope_theta=cfg.rope_theta,
+                rope_type=scaling.get("rope_type", "default"),
+                rope_keys={k: v for k, v in scaling.items() if k != "rope_type"})
+
+
+def reference(ref: Any) -> dict[str, Any]:
+    rp = ref.rope_parameters
+    keys = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings")}.get(rp["rope_type"], ())
+    eos = ref.eos_token_id
+    return dict(vocab_size=ref.vocab_size, hidden_size=ref.hidden_size, intermediate_size=ref.intermediate_size,
+                num_hidden_layers=ref.num_hidden_layers, num_attention_heads=ref.num_attention_heads,
+                num_key_value_heads=ref.num_key_value_heads,
+                head_dim=getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads,
+                rms_norm_eps=ref.rms_norm_eps, max_position_embeddings=ref.max_position_embeddings,
+                tie_word_embeddings=ref.tie_word_embeddings, bos_token_id=ref.bos_token_id,
+                eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+                rope_theta=rp["rope_theta"], rope_type=rp["rope_type"], rope_keys={k: rp[k] for k in keys})
+
+
+VALID = {
+    "llama": lambda: hf_dict(),
+    "llama-tied-eos-list": lambda: hf_dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=[2, 3]),
+    "llama3-rope-parameters": lambda: hf_dict(rope_parameters={**LLAMA3, "rope_theta": 500000.0},
+                                              max_position_embeddings=256),
+    "linear-rope": lambda: hf_dict(rope_scaling=LINEAR2),
+    "qwen2": lambda: hf_dict("qwen2", bos_token_id=None, eos_token_id=5),
+    "mistral-head-dim": lambda: hf_dict("mistral", sliding_window=None, head_dim=32),
+    "mha-no-kv-heads": lambda: {k: v for k, v in hf_dict(num_key_value_heads=4).items()
+                                if k not in ("num_key_value_heads", "head_dim")},
+    # transformers 4 spelling: no rope_parameters, top-level theta, legacy "type"
+    "transformers4-legacy": lambda: with_rope(hf_dict(), rope_theta=500000.0, rope_scaling={"type": "linear",
+                                                                                             "factor": 2.0}),
+    # both spellings, consistent: transformers uses rope_scaling and the top-level theta
+    "both-spellings-consistent": lambda: with_rope(hf_dict(), rope_theta=500000.0, rope_scaling={**LLAMA3},
+                                                   rope_parameters={**LLAMA3, "rope_theta": 500000.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(VALID))
+def test_valid_config_matches_transformers(name: str, tmp_path: Path) -> None:
+    hf = VALID[name]()
+    assert summary(config_from_hf(hf)) == reference(load_with_transformers(hf, tmp_path))
+
+
+def test_qwen2_and_llama_biases() -> None:
+    assert config_from_hf(hf_dict("qwen2")).attention_bias and not config_from_hf(hf_dict("qwen2")).o_proj_bias
+    cfg = config_from_hf(hf_dict(attention_bias=True))
+    assert cfg.attention_bias and cfg.o_proj_bias
+
+
+# ------------------------------------------------------------------------------- tokenizer size
+def test_check_vocab(base: dict[str, Any]) -> None:
+    cfg = config_from_hf(base)
+    check_vocab(cfg, 320, "ckpt")  # as many tokens as embedding rows
+    check_vocab(cfg, 300, "ckpt")  # fewer: checkpoints pad vocab_size
+    with pytest.raises(UnsupportedModelError) as err:
+        check_vocab(cfg, 321, "some/ckpt")
+    msg = str(err.value)
+    assert "the tokenizer of some/ckpt has 321 tokens but the model's vocab_size is 320" in msg
+    assert "token ids past 319" in msg and "does not belong to this model" in msg
+
+
+# ------------------------------------------------------------------------------- end to end
+def test_cli_refuses_negative_layers(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_ckpt: Path) -> None:
+    from awqc.compiler.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    hf = json.loads((ckpt / "config.json").read_text())
+    assert config_from_hf(hf).num_hidden_layers == 2  # the untouched file, as transformers 5 wrote it, loads
+    hf["num_hidden_layers"] = -1
+    (ckpt / "config.json").write_text(json.dumps(hf))
+    out = tmp_path / "out"
+    assert main(["compile", "--model", str(ckpt), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "num_hidden_layers" in err and "-1" in err and "Traceback" not in err
+    assert not out.exists()
