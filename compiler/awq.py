@@ -1,14 +1,19 @@
 """Quantize an imported model: round-to-nearest, or AWQ (scale search, then clip search) on
 calibration statistics. The result is passes/quantizer.QuantizedWeights either way.
 
-    stats = calibrate(model, load_samples(model))          # one float forward pass, in TVM
-    qw = awq_quantize(model, QuantScheme(group_size=64), stats)
+The compile streams it (`quantized_blocks`): each decoder block is read, calibrated on the hidden
+states the previous block produced, searched and quantized, then dropped. Evaluation and tests
+on small models take the whole model at once:
+
+    stats = calibrate(model, load_samples(model))
+    qw = awq_quantize(model, QuantScheme(group_size=64), stats).weights
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -19,7 +24,8 @@ from awqc.passes.quantizer import QuantizedWeights, QuantScheme, is_quantized_li
 
 from .calibrate import CalibrationStats
 from .llama import export_model
-from .model_import import ImportedModel
+from .config import ModelConfig
+from .model_import import ImportedModel, expected_shapes
 from .targets import get_target
 
 METHODS = ("float", "rtn", "awq", "awq-scale")
@@ -63,34 +69,112 @@ def check_group_sizes(weights: Mapping[str, Any], scheme: QuantScheme, quantize_
     return names
 
 
+def quantized_shapes(cfg: ModelConfig, quantize_head: bool = False) -> dict[str, tuple[int, int]]:
+    """The [N, K] of every linear that gets quantized, from the config alone (a tied head
+    quantized with --quantize-head is its own parameter, lm_head.weight)."""
+    shapes = expected_shapes(cfg)
+    if quantize_head and cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return {n: s for n, s in shapes.items() if is_quantized_linear(n, s, quantize_head)}  # type: ignore[misc]
+
+
 def _score_function(model: ImportedModel):
     mod, named = export_model(model.config, "float32", get_target("host").target())
     return mod["score"], [n for n, _ in named]
 
 
-def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationStats, clip: bool = True,
-                 quantize_head: bool = False, progress: bool = True, duo_scaling: bool = False) -> AWQResult:
-    """AWQ: find the scaling groups in the model's graph, search and fold their scales, search
-    clipping ranges, quantize every linear weight."""
+def awq_block(weights: Mapping[str, torch.Tensor], names: list[str], groups: list[ScalingGroup],
+              qk_rows: Mapping[str, Any], stats: Any, scheme: QuantScheme, clip: bool = True,
+              progress: bool = False, duo_scaling: bool = False) -> AWQResult:
+    """AWQ on a set of weights (one block, or a whole small model): search and fold the scales
+    of `groups`, search the clipping of `names`, quantize `names`."""
     t0 = time.perf_counter()
-    weights = torch_weights(model)
-    names = check_group_sizes(weights, scheme, quantize_head)
-    check_finite_weights(weights, list(weights))
-    func, param_names = _score_function(model)
-    groups = find_scaling_groups(func, param_names)
     quantized: Callable[[str], bool] = set(names).__contains__
     results = search_scales(groups, weights, stats, scheme, quantized, progress=progress, duo=duo_scaling)
     scaled = apply_scales(weights, groups, results)
     t1 = time.perf_counter()
     clips: dict[str, torch.Tensor] = {}
     if clip:
-        clips = search_clip(scaled, names, stats, scheme, column_scales(weights, groups, results),
-                            attention_qk_rows(func, param_names), progress=progress)
+        clips = search_clip(scaled, names, stats, scheme, column_scales(weights, groups, results), qk_rows,
+                            progress=progress)
     t2 = time.perf_counter()
     qw = quantize_weights(scaled, names, scheme, clips)
     t3 = time.perf_counter()
     return AWQResult(qw, groups, results, clips, scaled, {"scale": t1 - t0, "clip": t2 - t1, "quantize": t3 - t2})
 
 
+def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationStats, clip: bool = True,
+                 quantize_head: bool = False, progress: bool = True, duo_scaling: bool = False) -> AWQResult:
+    """AWQ on the whole model at once: find the scaling groups in the model's graph, search and
+    fold their scales, search clipping ranges, quantize every linear weight."""
+    weights = torch_weights(model)
+    names = check_group_sizes(weights, scheme, quantize_head)
+    check_finite_weights(weights, list(weights))
+    func, param_names = _score_function(model)
+    groups = find_scaling_groups(func, param_names)
+    return awq_block(weights, names, groups, attention_qk_rows(func, param_names), stats, scheme, clip, progress,
+                     duo_scaling)
+
+
+def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: list[str],
+                     progress: bool = True) -> Iterator[QuantizedWeights]:
+    """The model's weights part by part (embedding, each decoder block, final norm and head), each
+    quantized as soon as it is read: round to nearest, or AWQ with the block calibrated on the
+    hidden states of the blocks before it. `func`/`param_names`: the exported model's `score`
+    function, where AWQ finds its scaling groups. `quant`: build.QuantConfig."""
+    from tqdm import tqdm
+
+    from .calibrate import Calibration, block_params
+
+    cfg, scheme = model.config, quant.scheme
+    tied_head = quant.quantize_head and cfg.tie_word_embeddings
+    head_searched = quant.quantize_head and not cfg.tie_word_embeddings
+    calibration = groups = qk_rows = None
+    if quant.method == "awq":
+        groups = find_scaling_groups(func, param_names)
+        qk_rows = attention_qk_rows(func, param_names)
+        calibration = Calibration(model, quant.calibration, head_searched)
+    parts = [("embed", ["embed_tokens.weight"])]
+    parts += [(i, block_params(cfg, i)) for i in range(cfg.num_hidden_layers)]
+    parts += [("head", ["norm.weight"] + (["lm_head.weight"] if not cfg.tie_word_embeddings else []))]
+    try:
+        for key, names in tqdm(parts, desc=f"{quant.method} {scheme.name}", unit="block", disable=not progress,
+                               file=sys.stderr):
+            weights = {n: torch.from_numpy(model.weights[n]) for n in names}
+            if key == "head" and tied_head:  # the head's own copy of the embedding, rounded to nearest
+                weights["lm_head.weight"] = torch.from_numpy(model.weights["embed_tokens.weight"])
+            targets = [n for n in weights if is_quantized_linear(n, tuple(weights[n].shape), quant.quantize_head)]
+            if calibration is None or not targets or (key == "head" and not head_searched):
+                yield quantize_weights(weights, targets, scheme, {})
+                continue
+            stats = calibration.head(weights["norm.weight"]) if key == "head" else calibration.block(key, weights)
+            mine = [g for g in groups if g.producer in weights]
+            yield awq_block(weights, targets, mine, qk_rows, stats, scheme).weights
+        if calibration is not None:
+            calibration.finish()
+    except BaseException:
+        if calibration is not None:
+            calibration.abandon()
+        raise
+
+
 def rtn(model: ImportedModel, scheme: QuantScheme, quantize_head: bool = False) -> QuantizedWeights:
     return rtn_quantize(torch_weights(model), scheme, quantize_head)
+
+
+def quantize_model(model: ImportedModel, method: str, scheme: QuantScheme, quantize_head: bool = False,
+                   stats: CalibrationStats | None = None) -> QuantizedWeights:
+    """The whole model's quantized weights in memory (tests and small models): round to nearest,
+    or AWQ from calibration `stats`. A tied head quantized with `quantize_head` gets its own
+    copy, rounded to nearest (the embedding stays float)."""
+    weights = torch_weights(model)
+    tied_head = quantize_head and "lm_head.weight" not in weights
+    if tied_head:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    if method == "rtn":
+        return rtn_quantize(weights, scheme, quantize_head)
+    result = awq_quantize(model, scheme, stats, clip=True, quantize_head=quantize_head).weights
+    if not tied_head:
+        return result
+    head = {"lm_head.weight": quantize(weights["lm_head.weight"], scheme)}
+    return QuantizedWeights(scheme, {**result.quantized, **head}, result.floats)

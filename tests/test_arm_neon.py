@@ -19,7 +19,7 @@ import pytest
 import tvm
 
 from awqc.compiler.build import write_artifact
-from awqc.compiler.cli import quantize_model
+from awqc.compiler.awq import quantize_model
 from awqc.compiler.model_import import load_model
 from awqc.compiler.targets import get_target
 from awqc.passes.quantizer import QuantScheme

@@ -1,21 +1,19 @@
-"""Calibration: the compiled `calibrate` function's statistics against transformers, texts and
-samples, and the errors for short text and non-finite activations."""
+"""Calibration: the block-by-block statistics against transformers' whole model, the statistics
+cache, texts and samples, and the errors for short text and non-finite activations."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from awqc.compiler.calibrate import (CalibrationError, CalibrationStats, calibrate, calibration_samples,
-                                     hf_encoder, load_samples)
-from awqc.compiler.llama import export_model
+from awqc.compiler.calibrate import (CalibrationError, CalibrationSettings, CalibrationStats, calibrate,
+                                     calibration_samples, calibration_stats, hf_encoder, load_samples)
 from awqc.compiler.model_import import load_model
-from awqc.compiler.targets import get_target
 from awqc.compiler.text_data import (CALIBRATION_DIRS, DOC_ROOT, EVAL_DIRS, TextError, default_calibration_text,
                                      token_windows)
-from awqc.passes.calibration_taps import add_calibration_function
 
 from conftest import make_checkpoint
 
@@ -55,24 +53,52 @@ def test_statistics_match_transformers(tiny_ckpt: Path, tiny_stats: CalibrationS
         torch.testing.assert_close(s.gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
-def test_calibrate_function_drops_the_lm_head(tiny_ckpt: Path) -> None:
-    model = load_model(str(tiny_ckpt))
-    mod, named = export_model(model.config, "float32", get_target("host").target())
-    cal, taps = add_calibration_function(mod, [n for n, _ in named], lambda n: "layers." in n)
-    assert [t.consumers for t in taps][:2] == [("layers.0.self_attn.qkv_proj.weight",),
-                                               ("layers.0.self_attn.o_proj.weight",)]
-    text = cal["calibrate"].script()
-    assert "matmul" in text and "permute_dims(embed_tokens_weight" not in text  # tied LM head gone
-    assert "score" not in [gv.name_hint for gv in cal.get_global_vars()]
-
-
-def test_gram_subsampling_and_save_load(tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_gram_subsampling(tiny_ckpt: Path) -> None:
     stats = calibrate(load_model(str(tiny_ckpt)), SAMPLES, gram_tokens=16, progress=False)
     s = stats.inputs[0]
     assert (s.n_tokens, s.n_gram_tokens) == (3 * 48, 3 * 16)
-    stats.save(tmp_path / "stats.pt")
-    back = CalibrationStats.load(tmp_path / "stats.pt")
-    torch.testing.assert_close(back.of(s.consumers[0]).gram, s.gram)
+
+
+CALIB_TEXT = " ".join(["compilers turn programs into machine code and the quick brown fox jumps"] * 30)
+
+
+def test_statistics_cache_round_trip(tiny_ckpt: Path, tmp_path: Path) -> None:
+    model = load_model(str(tiny_ckpt))
+    (tmp_path / "calib.txt").write_text(CALIB_TEXT)
+    settings = CalibrationSettings(tmp_path / "calib.txt", n_samples=4, seq_len=32, gram_tokens=8,
+                                   cache=tmp_path / "stats.safetensors")
+    first = calibration_stats(model, settings, progress=False)
+    assert settings.cache.is_file() and not list(tmp_path.glob(".stats*"))
+    again = calibration_stats(model, settings, progress=False)  # read back, not recomputed
+    assert again.seconds == {}
+    for s in first.inputs:
+        torch.testing.assert_close(again.of(s.consumers[0]).gram, s.gram)
+        assert again.of(s.consumers[0]).n_gram_tokens == s.n_gram_tokens == 4 * 8
+
+
+def test_statistics_cache_of_other_settings_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
+    model = load_model(str(tiny_ckpt))
+    (tmp_path / "calib.txt").write_text(CALIB_TEXT)
+    settings = CalibrationSettings(tmp_path / "calib.txt", n_samples=4, seq_len=32, cache=tmp_path / "stats.st")
+    calibration_stats(model, settings, progress=False)
+    for other in (dict(n_samples=3), dict(seq_len=16), dict(gram_tokens=None)):
+        with pytest.raises(CalibrationError, match="made for another model"):
+            calibration_stats(model, dataclasses.replace(settings, **other), progress=False)
+    other_model = load_model(str(make_checkpoint(tmp_path / "other", seed=3)))
+    with pytest.raises(CalibrationError, match="made for another model"):
+        calibration_stats(other_model, settings, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_damaged_statistics_cache_refused(tiny_ckpt: Path, tmp_path: Path, damage: str) -> None:
+    model = load_model(str(tiny_ckpt))
+    (tmp_path / "calib.txt").write_text(CALIB_TEXT)
+    settings = CalibrationSettings(tmp_path / "calib.txt", n_samples=4, seq_len=32, cache=tmp_path / "stats.st")
+    calibration_stats(model, settings, progress=False)
+    data = settings.cache.read_bytes()
+    settings.cache.write_bytes({"empty": b"", "garbage": b"\x07" * 4096, "truncated": data[: len(data) // 2]}[damage])
+    with pytest.raises(CalibrationError, match="calibration cache"):
+        calibration_stats(model, settings, progress=False)
 
 
 def test_short_text_names_the_minimum(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -108,6 +134,7 @@ def test_default_texts_are_disjoint() -> None:
 
 def test_non_finite_activation_names_the_layer(tmp_path: Path) -> None:
     model = load_model(str(make_checkpoint(tmp_path / "ckpt", seed=7)))
+    model = dataclasses.replace(model, weights=dict(model.weights))
     model.weights["layers.1.post_attention_layernorm.weight"][:] = 3e38  # overflows to inf in float32
     with pytest.raises(CalibrationError, match=r"input of layers\.1\.mlp\.gate_up_proj\.weight has NaN or inf"):
         calibrate(model, SAMPLES[:1], progress=False)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import tvm
 
-from awqc.compiler.cli import main, quantize_model
+from awqc.compiler.awq import quantize_model
+from awqc.compiler.cli import main
 from awqc.compiler.cuda_package import KERNELS_SOURCE, embedded_cuda_module, nvcc_compile, parse_ptxas_usage
 from awqc.compiler.targets import TARGET_NAMES, UnknownTargetError, get_target
 from awqc.passes.quantizer import QuantScheme

@@ -71,7 +71,7 @@ def test_int4_default_model_matches_transformers_fake_quant(tmp_path: Path, hf_m
     running the same quantized weights dequantized, and decoding through the int4 kernels."""
     import copy
 
-    from awqc.compiler.cli import quantize_model
+    from awqc.compiler.awq import quantize_model
     from awqc.compiler.model_import import load_model
     from awqc.passes.quantizer import QuantScheme
 

@@ -68,7 +68,7 @@ def test_failed_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path, monkeypa
     def broken(*_args, **_kwargs):
         raise KeyboardInterrupt  # an interrupt in the middle of writing files
 
-    monkeypatch.setattr(build, "_save_weights", broken)
+    monkeypatch.setattr(build, "_write_weights", broken)
     out = tmp_path / "out"
     assert compile_cli(str(tiny_ckpt), out) == 130
     assert_nothing_written(out)

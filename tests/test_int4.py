@@ -11,7 +11,8 @@ import torch
 import tvm
 
 from awqc.compiler.build import write_artifact
-from awqc.compiler.cli import main, quantize_model
+from awqc.compiler.awq import quantize_model
+from awqc.compiler.cli import main
 from awqc.compiler.llama import export_model
 from awqc.compiler.model_import import load_model
 from awqc.compiler.pipeline import relax_pipeline
@@ -141,19 +142,21 @@ def test_quantized_tied_head_matches_fake_quant(tmp_path: Path, tiny_ckpt: Path)
 def test_awq_compile_matches_its_fake_quant_reference(tmp_path: Path) -> None:
     """`awqc compile --quant awq-...` calibrates, searches and lowers; the artifact equals the float
     model run on the same AWQ weights dequantized (recomputed here from the saved statistics)."""
-    from awqc.compiler.calibrate import CalibrationStats
+    from awqc.compiler.calibrate import CalibrationSettings, calibration_stats
 
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=5, intermediate_size=128)
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"word{i % 97} and token{i % 13}." for i in range(800)))
-    out, stats_file = tmp_path / "awq", tmp_path / "stats.pt"
+    out, stats_file = tmp_path / "awq", tmp_path / "stats.safetensors"
     assert main(["compile", "--model", str(ckpt), "--quant", "awq-w4g32", "--calib-text", str(text),
                  "--calib-samples", "3", "--calib-seq-len", "32", "--calib-stats", str(stats_file),
                  "--context-window", "128", "-o", str(out)]) == 0
     engine = Engine(out)
     assert engine.manifest["quantization"]["method"] == "awq"
     model = load_model(str(ckpt))
-    quant = quantize_model(model, "awq", QuantScheme(group_size=32), stats=CalibrationStats.load(stats_file))
+    stats = calibration_stats(model, CalibrationSettings(text, 3, 32, cache=stats_file), progress=False)
+    assert stats.seconds == {}  # read from the compile's cache, not recomputed
+    quant = quantize_model(model, "awq", QuantScheme(group_size=32), stats=stats)
     rtn = quantize_model(model, "rtn", QuantScheme(group_size=32)).dequantized()
     assert any(not torch.equal(w, rtn[n]) for n, w in quant.dequantized().items())  # AWQ changed the weights
     fake = dataclasses.replace(model, weights={k: v.numpy() for k, v in quant.dequantized().items()})

@@ -135,7 +135,7 @@ def test_full_disk_leaves_nothing(tmp_path: Path, tiny_ckpt: Path, monkeypatch: 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "weights.safetensors")
 
-    monkeypatch.setattr(build, "_save_weights", full)
+    monkeypatch.setattr(build, "_write_weights", full)
     out = tmp_path / "out"
     assert compile_cli(tiny_ckpt, out) == 2
     assert "No space left on device" in capsys.readouterr().err
@@ -154,11 +154,14 @@ def test_sigterm_during_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path) 
     """Killed while writing the artifact (its staging directory exists): nothing is left."""
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "awqc.compiler.cli", "compile", "--model", str(tiny_ckpt),
-                             "-o", str(out), "--context-window", "64"], stderr=subprocess.PIPE)
+                             "-o", str(out), "--context-window", "64"], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not leftovers(out) and proc.poll() is None and time.time() < deadline:
+    def staging() -> list[Path]:
+        return list(out.parent.glob(f".{out.name}.tmp-*"))
+
+    while not staging() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    assert leftovers(out), "the compile ended before its staging directory appeared"
+    assert staging(), "the compile ended before its staging directory appeared"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert proc.wait(60) == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
     assert not out.exists() and not leftovers(out)

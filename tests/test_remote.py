@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from awqc.compiler.cli import main, quantize_model
+from awqc.compiler.awq import quantize_model
+from awqc.compiler.cli import main
 from awqc.compiler.remote import (Endpoint, KernelStat, Profile, RemoteModel, classify, open_session, parse_endpoint,
                                   peak_for, roofline_figure)
 from awqc.passes.quantizer import QuantScheme

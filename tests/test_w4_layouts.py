@@ -173,21 +173,25 @@ def test_damaged_record_is_refused(tmp_path: Path) -> None:
         tuning.load_record(spec, write(tmp_path / "l.json", tuning.default_record(spec), layout="q9"))
 
 
+def shapes(quant: QuantizedWeights) -> list[tuple[int, int]]:
+    return [tuple(q.shape) for q, _, _ in quant.quantized.values()]
+
+
 def test_build_uses_the_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """compile packs in the record's layout (k8 when a weight does not fit it) and uses its knobs."""
     spec = get_target("x86-avx2")
     quant = QuantizedWeights(QuantScheme(group_size=64), {
         "a.weight": (torch.zeros(64, 512, dtype=torch.uint8), torch.ones(64, 8), torch.zeros(64, 8))}, {})
     monkeypatch.setattr(tuning, "RECORDS_DIR", tmp_path)
-    assert w4_backend(spec, quant).layout == tuning.default_layout(spec)  # no record: defaults
+    assert w4_backend(spec, quant.scheme, shapes(quant)).layout == tuning.default_layout(spec)  # no record: defaults
     record = tuning.default_record(spec)
     record.layout = "i16r2"
     tuning.save_record(record, tuning.record_path(spec, tmp_path))
-    assert w4_backend(spec, quant).layout == InterleavedLayout(16, 2)
+    assert w4_backend(spec, quant.scheme, shapes(quant)).layout == InterleavedLayout(16, 2)
     odd = dataclasses.replace(quant, quantized={
         "a.weight": (torch.zeros(64, 576, dtype=torch.uint8), torch.ones(64, 9), torch.zeros(64, 9))})
-    assert w4_backend(spec, odd).layout == K8
-    assert w4_backend(get_target("cuda-sm80"), quant).layout == K8  # the CUDA kernels read k8
+    assert w4_backend(spec, odd.scheme, shapes(odd)).layout == K8
+    assert w4_backend(get_target("cuda-sm80"), quant.scheme, shapes(quant)).layout == K8  # the CUDA kernels read k8
 
 
 def test_awqc_tune_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

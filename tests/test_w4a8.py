@@ -11,7 +11,8 @@ import tvm
 
 from awqc.compiler.autoawq import _linears
 from awqc.compiler.build import write_artifact
-from awqc.compiler.cli import main, quantize_model
+from awqc.compiler.awq import quantize_model
+from awqc.compiler.cli import main
 from awqc.compiler.model_import import load_model
 from awqc.compiler.targets import _cpu_flags, get_target, host_spec
 from awqc.passes.quantizer import QuantizationError, QuantScheme
