@@ -163,7 +163,8 @@ class _Accumulator:
         self.n = 0
         self.n_gram = 0
 
-    def add(self, x: torch.Tensor, rows: list[torch.Tensor] | None, first_sample: int) -> None:
+    def add(self, x: torch.Tensor, rows: torch.Tensor | None, first_sample: int) -> None:
+        """x [samples, tokens, K]; rows: indices into its flattened tokens that feed the Gram."""
         flat = x.reshape(-1, x.shape[-1])
         abs_sum = torch.linalg.vector_norm(flat, ord=1, dim=0)  # NaN/inf in x show up in it
         if not bool(torch.isfinite(abs_sum).all()):
@@ -173,7 +174,7 @@ class _Accumulator:
                 "(check the weights, or calibrate on other text)")
         self.abs_sum += abs_sum
         self.n += flat.shape[0]
-        xs = flat if rows is None else torch.cat([x[b].index_select(0, r) for b, r in enumerate(rows)])
+        xs = flat if rows is None else flat.index_select(0, rows)
         torch.addmm(self.gram, xs.T, xs, out=self.gram)
         self.n_gram += xs.shape[0]
 
@@ -212,9 +213,14 @@ class BlockCalibrator:
     def n_samples(self) -> int:
         return self.hidden.shape[0]
 
-    def _batches(self) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor] | None]]:
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """(first sample, hidden states of a batch of samples, the batch's Gram rows as indices
+        into its flattened tokens: one gather per input instead of one per sample)."""
+        t = self.hidden.shape[1]
         for start in range(0, self.n_samples, _BATCH):
-            rows = None if self._rows is None else self._rows[start:start + _BATCH]
+            rows = None
+            if self._rows is not None:
+                rows = torch.cat([r + b * t for b, r in enumerate(self._rows[start:start + _BATCH])])
             yield start, self.hidden[start:start + _BATCH], rows
 
     def block(self, i: int, weights: Mapping[str, torch.Tensor]) -> list[InputStats]:

@@ -37,7 +37,8 @@ def _strip(name: str) -> str:
 
 
 class SafetensorsCheckpoint:
-    """The *.safetensors shards of a Hugging Face checkpoint directory."""
+    """The *.safetensors shards of a Hugging Face checkpoint directory. Each read maps the shard
+    afresh and unmaps it after, so the pages of tensors already read do not stay resident."""
 
     def __init__(self, directory: Path):
         from safetensors import SafetensorError, safe_open
@@ -46,12 +47,14 @@ class SafetensorsCheckpoint:
         if not files:
             raise CheckpointError(f"{directory} has no *.safetensors weight files")
         self.source = str(directory)
-        self._where: dict[str, tuple[object, str, Path]] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
             try:
-                handle = safe_open(str(f), framework="pt")
-                for name in handle.keys():
-                    self._where[_strip(name)] = (handle, name, f)
+                with safe_open(str(f), framework="pt") as handle:
+                    for name in handle.keys():
+                        self._where[_strip(name)] = (f, name)
+                        self._shapes[_strip(name)] = tuple(handle.get_slice(name).get_shape())
             except (SafetensorError, OSError, RuntimeError) as err:
                 raise CheckpointError(f"{f} is corrupt or truncated ({err}); re-download or re-save the "
                                       "checkpoint") from None
@@ -60,15 +63,15 @@ class SafetensorsCheckpoint:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle, stored, _ = self._where[name]
-        return tuple(handle.get_slice(stored).get_shape())
+        return self._shapes[name]
 
     def read(self, name: str) -> np.ndarray:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
 
-        handle, stored, f = self._where[name]
+        f, stored = self._where[name]
         try:
-            return handle.get_tensor(stored).float().numpy()
+            with safe_open(str(f), framework="pt") as handle:
+                return handle.get_tensor(stored).float().numpy()
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{f}: tensor {stored} cannot be read ({err}); re-download the checkpoint") from None
 
@@ -220,7 +223,7 @@ def _walk_gguf(cur: _GGUFCursor) -> None:
     if len(set(names)) != len(names):
         raise cur.fail("two tensors have the same name")
     data_start = (cur.pos + alignment - 1) // alignment * alignment
-    data_size = len(cur.data) - data_start
+    data_size = max(0, len(cur.data) - data_start)
     for name, offset, nbytes in tensors:
         if offset % alignment:
             raise cur.fail(f"tensor {name!r} starts at offset {offset}, not a multiple of the alignment {alignment}")

@@ -84,14 +84,26 @@ def group_params(w: torch.Tensor, scheme: QuantScheme,
     return scale, zero
 
 
+_CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of about this many weights
+
+
 def quantize(w: torch.Tensor, scheme: QuantScheme,
              clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] → (q uint8 [N, K] in [0, qmax], scale [N, K/G], zero [N, K/G])."""
+    """w [N, K] → (q uint8 [N, K] in [0, qmax], scale [N, K/G], zero [N, K/G]). Rows are
+    independent, so a large weight (an LM head of 128k rows) is done a chunk of rows at a time:
+    the float temporaries stay a few MB instead of several copies of the weight."""
     n, k = w.shape
-    scale, zero = group_params(w, scheme, clip)
-    g = w.reshape(n, k // scheme.group_size, scheme.group_size)
-    q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, scheme.qmax)
-    return q.reshape(n, k).to(torch.uint8), scale, zero
+    rows = max(1, _CHUNK_ELEMENTS // k)
+    q = torch.empty(n, k, dtype=torch.uint8)
+    scale = torch.empty(n, k // scheme.group_size, dtype=w.dtype)
+    zero = torch.empty_like(scale)
+    for r in range(0, n, rows):
+        part = slice(r, r + rows)
+        s, z = group_params(w[part], scheme, None if clip is None else clip[part])
+        g = w[part].reshape(-1, k // scheme.group_size, scheme.group_size)
+        q[part] = torch.round(g / s[..., None] + z[..., None]).clamp(0, scheme.qmax).reshape(-1, k).to(torch.uint8)
+        scale[part], zero[part] = s, z
+    return q, scale, zero
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from awqc.compiler.calibrate import (CalibrationError, CalibrationSettings, CalibrationStats, calibrate,
-                                     calibration_samples, calibration_stats, hf_encoder, load_samples)
+from awqc.compiler.calibrate import (BlockCalibrator, CalibrationError, CalibrationSettings, CalibrationStats, calibrate,
+                                     block_params, calibration_samples, calibration_stats, hf_encoder,
+                                     load_samples)
 from awqc.compiler.model_import import load_model
 from awqc.compiler.text_data import (CALIBRATION_DIRS, DOC_ROOT, EVAL_DIRS, TextError, default_calibration_text,
                                      token_windows)
@@ -54,9 +55,17 @@ def test_statistics_match_transformers(tiny_ckpt: Path, tiny_stats: CalibrationS
 
 
 def test_gram_subsampling(tiny_ckpt: Path) -> None:
-    stats = calibrate(load_model(str(tiny_ckpt)), SAMPLES, gram_tokens=16, progress=False)
-    s = stats.inputs[0]
-    assert (s.n_tokens, s.n_gram_tokens) == (3 * 48, 3 * 16)
+    """With gram_tokens, the Gram is exactly that of the rows the calibrator drew from each sample."""
+    model = load_model(str(tiny_ckpt))
+    cal = BlockCalibrator(model, SAMPLES, gram_tokens=16)
+    stats = cal.block(0, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)})
+    acts = _hf_linear_inputs(tiny_ckpt, SAMPLES)  # every sample's tokens, in order
+    rows = torch.cat([r + 48 * b for b, r in enumerate(cal._rows)])
+    assert len(stats) == 4
+    for s in stats:
+        assert (s.n_tokens, s.n_gram_tokens) == (3 * 48, 3 * 16)
+        xs = acts[s.consumers[0]][rows]
+        torch.testing.assert_close(s.gram, xs.T @ xs / xs.shape[0], rtol=1e-4, atol=1e-5)
 
 
 CALIB_TEXT = " ".join(["compilers turn programs into machine code and the quick brown fox jumps"] * 30)

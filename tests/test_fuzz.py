@@ -6,15 +6,16 @@
   dict edited at any depth and re-sealed with `write_manifest`, so the schema check is what
   refuses it (not just the digest), plus raw byte damage that is not re-sealed;
 * `check_gguf_header` (compiler/checkpoints.py): bit flips biased to the header, truncation,
-  u64 counts/lengths and u32 types replaced at real field offsets, appended garbage.
+  u64 counts/lengths and u32 types replaced at real field offsets, one key or tensor name
+  copied over another (duplicates), appended garbage.
 
 The property each time: a mutated input ends in the parser's own error (ArtifactError,
 CheckpointError) or a correct load, never another exception, a hang or a crash; a GGUF file the
 checker passes must open in `gguf.GGUFReader`. Crashers found here are kept as plain regression
 tests below the properties.
 
-Each property runs under the "fuzz" hypothesis profile (a few dozen examples) in the default
-run; the long run (profile "long", 5000 examples per property) is marked slow:
+Each of the four properties runs under the "fuzz" hypothesis profile (75 examples, 300 in all)
+in the default run; the long run (profile "long", 5000 examples per property) is marked slow:
 
     python -m pytest -m slow tests/test_fuzz.py
 """
@@ -28,7 +29,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -40,7 +41,8 @@ from awqc.compiler.tensor_file import SafetensorsWriter
 from awqc.runtime.artifact import (ArtifactError, check_compatible, check_device, load_safetensors, read_manifest,
                                    verify_files, write_manifest)
 
-# database=None: no .hypothesis/ folder in the checkout; a failure prints its reproducing input.
+# database=None: no example database is kept (hypothesis still caches a self-ignored .hypothesis/);
+# a failure prints its reproducing input, to be pasted into the regression cases below.
 settings.register_profile("fuzz", max_examples=75, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("long", settings.get_profile("fuzz"), max_examples=5000)
@@ -117,9 +119,12 @@ def st_with_header(header: Any, pad: int) -> bytes:
     return struct.pack("<Q", len(text)) + text + raw[8 + header_len:]
 
 
+ITEMSIZES = {"F32": 4, "F16": 2, "U32": 4, "U8": 1, "I32": 4, "I8": 1, "I64": 8}
 ST_DTYPES = st.sampled_from(["F32", "F16", "U32", "U8", "I32", "I8", "I64", "BF16", "F64", "f32", "", "U8 "]) | JSON_VALUES
-ST_DIMS = st.one_of(st.integers(0, 8), st.integers(-3, -1), st.integers((1 << 62) - 2, 1 << 64), st.booleans(),
-                    st.floats(), st.text(max_size=2), st.none())
+# dims: small, huge but in range (two of them overflow numpy's index type), and invalid ones
+ST_DIMS = st.one_of(st.integers(0, 8), st.integers(0, 8), st.sampled_from([1 << 31, 1 << 40, (1 << 62) - 1]),
+                    st.integers(-3, -1) | st.integers(1 << 62, 1 << 64) | st.booleans() | st.floats()
+                    | st.text(max_size=2) | st.none())
 ST_SHAPES = st.lists(ST_DIMS, max_size=10) | JSON_VALUES
 
 
@@ -148,9 +153,18 @@ def edited_headers(draw: st.DrawFn) -> Any:
     for _ in range(draw(st.integers(1, 3))):
         names = [n for n in header if n != "__metadata__"] or ["x"]
         name = draw(st.sampled_from(names))
-        kind = draw(st.sampled_from(["field", "drop-field", "entry", "drop", "add", "metadata", "swap"]))
+        kind = draw(st.sampled_from(["field", "drop-field", "entry", "drop", "add", "metadata", "swap", "consistent"]))
         entry = header.get(name)
-        if kind == "field" and isinstance(entry, dict):
+        if kind == "consistent":
+            # length = shape x itemsize, so only the checks past the per-field ones (file bounds,
+            # overlap, numpy's array size limit) can refuse it
+            dtype = draw(st.sampled_from(sorted(ITEMSIZES)))
+            shape = draw(st.lists(st.integers(0, 8) | st.sampled_from([1 << 31, 1 << 40, (1 << 62) - 1]), max_size=4))
+            bounds = sorted({o for e in st_header().values() for o in e.get("data_offsets", ())})
+            start = draw(st.sampled_from(bounds) | st.integers(0, data_size))  # mostly at a tensor boundary
+            header[name] = {"dtype": dtype, "shape": shape,
+                            "data_offsets": [start, start + ITEMSIZES[dtype] * int(np.prod(shape, dtype=object))]}
+        elif kind == "field" and isinstance(entry, dict):
             field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
             strategy = {"dtype": ST_DTYPES, "shape": ST_SHAPES, "data_offsets": st_offsets(data_size)}[field]
             entry[field] = draw(strategy)
@@ -232,12 +246,14 @@ def _header_edit(name: str, **fields: Any) -> dict[str, Any]:
     return header
 
 
-# Crashers the fuzzer found (each was a TypeError or numpy ValueError, now an ArtifactError).
+# Crashers the fuzzer found (a TypeError and a numpy ValueError before the fix, now ArtifactErrors).
 ST_REGRESSIONS = {
-    "unhashable-dtype-list": _header_edit("w.f32", dtype=["F32"]),
+    "unhashable-dtype-list": _header_edit("w.f32", dtype=[]),
     "unhashable-dtype-dict": _header_edit("b.u8", dtype={}),
-    "empty-tensor-huge-dims": _header_edit("empty.u8", shape=[0, 1 << 61, 1 << 61]),
-    "empty-tensor-too-big-for-numpy": _header_edit("empty.u8", dtype="I64", shape=[0, 1 << 60]),
+    # empty (a zero dim) but 2**62 elements of the other dims: numpy cannot make the array
+    "empty-tensor-too-big-for-numpy": _header_edit("w.f32", dtype="F16", shape=[0, 1 << 31, 1 << 31],
+                                                   data_offsets=[0, 0]),
+    "empty-tensor-huge-dims": _header_edit("empty.u8", shape=[0, (1 << 62) - 1, (1 << 62) - 1]),
 }
 
 
@@ -307,20 +323,48 @@ BAD_FILE_NAMES = ["../x", "/etc/passwd", "a/../../b", "", ".", "..", "a\0b", "li
 HEX64 = st.text("0123456789abcdef", min_size=64, max_size=64)
 
 
+MANIFEST_WORDS = st.sampled_from(["", "cpu", "cuda", "gpu", "llvm", "x86_64", "aarch64", "host", "k8", "i8r4",
+                                  "d8", "awqc-artifact/1", "awqc-artifact/2", "float32"])
+
+
+def same_type_values(value: Any) -> st.SearchStrategy:
+    """Values of the JSON type `value` has: these get past the type checks to the range checks."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int):
+        return st.integers() | st.sampled_from([0, -1, 1, 2, 127, 128, 129, 1 << 20, (1 << 20) + 1, 1 << 63])
+    if isinstance(value, str):
+        return st.text(max_size=12) | MANIFEST_WORDS
+    if isinstance(value, list):
+        return st.lists(JSON_LEAVES | MANIFEST_WORDS, max_size=4)
+    return JSON_VALUES
+
+
+# A well-formed quantization entry (the tiny artifact is float32, so it has none), whose layout
+# check_compatible must refuse or accept.
+QUANTIZATION = st.fixed_dictionaries({
+    "method": st.sampled_from(["awq", None]), "scheme": st.sampled_from(["w4a16", "w4a8"]), "bits": st.just(4),
+    "group_size": st.sampled_from([32, 128]), "symmetric": st.booleans(), "quantized": st.just([]),
+    "layout": st.sampled_from(["k8", "i8r4", "i16r16", "d8", "d16", "i4r3", "d4", "K8", ""]) | st.text(max_size=6)})
+
+
 @st.composite
 def edited_manifests(draw: st.DrawFn, manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest after one to three edits at any depth."""
     out = copy.deepcopy(manifest)
-    paths = [p for p in json_paths(manifest) if p]
+    paths = sorted((p for p in json_paths(manifest) if p), key=len)  # shallow keys first: hypothesis favours them
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["delete", "replace", "replace", "file", "file-digest"]))
+        kind = draw(st.sampled_from(["delete", "replace", "same-type", "same-type", "file", "file-digest", "quant"]))
+        if kind == "quant":
+            out["quantization"] = draw(QUANTIZATION)
+            continue
         if kind == "file":  # a path entry that must not escape the artifact
             name = draw(st.sampled_from(BAD_FILE_NAMES) | st.text(max_size=8))
             out.setdefault("files", {})
             if isinstance(out["files"], dict):
                 out["files"][name] = draw(HEX64 | st.sampled_from(sorted(manifest["files"].values())) | JSON_LEAVES)
             continue
-        if kind == "file-digest":  # a listed file under a new name (or a new digest)
+        if kind == "file-digest":  # a listed file under a new name, or with a new digest
             name = draw(st.sampled_from(sorted(manifest["files"])))
             files = out.get("files")
             if isinstance(files, dict) and name in files:
@@ -333,8 +377,10 @@ def edited_manifests(draw: st.DrawFn, manifest: dict[str, Any]) -> dict[str, Any
         container, key = where
         if kind == "delete":
             del container[key]
-        else:
+        elif kind == "replace":
             container[key] = draw(JSON_VALUES)
+        else:
+            container[key] = draw(same_type_values(container[key]))
     return out
 
 
@@ -390,9 +436,10 @@ def test_manifest_bytes_fuzz(profile: str, artifact_copy: tuple[Path, bytes]) ->
         (root / "manifest.json").write_bytes(raw)
 
 
-# Crasher the fuzzer found: an integer literal over Python's 4300-digit limit raised a plain
-# ValueError from json.loads, not an ArtifactError.
-@pytest.mark.parametrize("text", [b'{"format": ' + b"1" * 5000 + b"}", b"[" * 100000])
+# Crasher: an integer literal over Python's 4300-digit limit raised a plain ValueError from
+# json.loads, not an ArtifactError (the deep nesting was already caught; kept as a neighbour).
+@pytest.mark.parametrize("text", [b'{"format": ' + b"1" * 5000 + b"}", b"[" * 100000],
+                         ids=["int-over-4300-digits", "nested-100000-deep"])
 def test_manifest_regressions(text: bytes, artifact_copy: tuple[Path, bytes]) -> None:
     root, raw = artifact_copy
     try:
@@ -406,43 +453,51 @@ def test_manifest_regressions(text: bytes, artifact_copy: tuple[Path, bytes]) ->
 # ---------------------------------------------------------------- 3. GGUF header
 
 def write_gguf(path: Path) -> None:
-    """A small llama-arch GGUF: a KV of every value type (string arrays included) and F32, F16
-    and Q8_0 tensors."""
+    """A small llama-arch GGUF: a KV of every value type (string arrays included), a custom
+    alignment, and F32, F16 and Q8_0 tensors. Keys test.v0..v9 and the blk.0/blk.1 tensor
+    names are one bit apart, so a single flip can make two of them equal."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_uint8("test.u8", 7)
-    w.add_int8("test.i8", -7)
-    w.add_uint16("test.u16", 700)
-    w.add_int16("test.i16", -700)
+    w.add_custom_alignment(64)
+    w.add_uint8("test.v0", 7)
+    w.add_int8("test.v1", -7)
+    w.add_uint16("test.v2", 700)
+    w.add_int16("test.v3", -700)
     w.add_uint32("llama.context_length", 64)
-    w.add_int32("test.i32", -70000)
+    w.add_int32("test.v4", -70000)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_bool("test.bool", True)
+    w.add_bool("test.v5", True)
     w.add_string("general.name", "fuzz")
-    w.add_uint64("test.u64", 1 << 40)
-    w.add_int64("test.i64", -(1 << 40))
-    w.add_float64("test.f64", 0.25)
+    w.add_uint64("test.v6", 1 << 40)
+    w.add_int64("test.v7", -(1 << 40))
+    w.add_float64("test.v8", 0.25)
     w.add_array("tokenizer.ggml.tokens", ["<s>", "</s>", "a", "bc", ""])
     w.add_array("tokenizer.ggml.scores", [0.0, 0.5, -1.0, 2.0, 1.5])
-    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_array("test.v9", [[1, 2], [3]])  # nested
     rng = np.random.default_rng(0)
     w.add_tensor("token_embd.weight", rng.standard_normal((5, 8)).astype(np.float32))
     w.add_tensor("blk.0.attn_norm.weight", rng.standard_normal(8).astype(np.float16))
+    w.add_tensor("blk.1.attn_norm.weight", rng.standard_normal(8).astype(np.float32))
     q = gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("blk.0.attn_q.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.add_tensor("output_norm.weight", np.ones(8, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
+class GGUFLayout(NamedTuple):
+    """The valid file's bytes and where its fields lie (from the parts gguf.GGUFReader parsed)."""
+    raw: bytes
+    data_start: int  # where tensor data begins
+    u64: tuple[int, ...]  # offsets of u64 fields: counts, lengths, dims, tensor offsets
+    u32: tuple[int, ...]  # offsets of u32 fields: value types, n_dims, ggml types
+    names: tuple[tuple[int, int], ...]  # (offset, length) of every key and tensor name
+
+
 @functools.lru_cache(maxsize=None)
-def gguf_file() -> tuple[bytes, int, tuple[int, ...], tuple[int, ...]]:
-    """The valid file's bytes, where its tensor data starts, and the byte offsets of its u64
-    fields (counts, lengths, dims, tensor offsets) and u32 fields (types, n_dims), taken from
-    the parts gguf.GGUFReader parsed."""
+def gguf_file() -> GGUFLayout:
     import gguf
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -450,35 +505,45 @@ def gguf_file() -> tuple[bytes, int, tuple[int, ...], tuple[int, ...]]:
         write_gguf(path)
         reader = gguf.GGUFReader(str(path))
         base = reader.data.ctypes.data
-        u64, u32 = set(), set()
+        u64, u32, names = set(), set(), set()
         for field in [*reader.fields.values(), *(t.field for t in reader.tensors)]:
+            if field.name.startswith("GGUF."):  # the reader's own pseudo-fields (counts, version)
+                u32.add(4)
+                u64.update((8, 16))
+                continue
+            name = field.parts[1]  # parts: name length, name bytes, ...
+            names.add((name.ctypes.data - base, name.size))
             for part in field.parts:
-                start = part.ctypes.data - base
                 if part.dtype.kind == "u" and part.dtype.itemsize in (4, 8):
                     offsets = u64 if part.dtype.itemsize == 8 else u32
-                    offsets.update(start + i * part.dtype.itemsize for i in range(part.size))
-        data_start = reader.data_offset
+                    offsets.update(part.ctypes.data - base + i * part.dtype.itemsize for i in range(part.size))
+        layout = GGUFLayout(path.read_bytes(), reader.data_offset, tuple(sorted(u64)), tuple(sorted(u32)),
+                            tuple(sorted(names)))
         del reader
-        return path.read_bytes(), data_start, tuple(sorted(u64)), tuple(sorted(u32))
+        return layout
 
 
 @st.composite
 def mutated_gguf(draw: st.DrawFn) -> bytes:
-    raw, data_start, u64, u32 = gguf_file()
-    out = raw
+    """The valid file after one to three mutations."""
+    layout = gguf_file()
+    out = layout.raw
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["flip", "flip", "truncate", "u64", "u64", "u32", "append"]))
+        kind = draw(st.sampled_from(["flip", "flip", "truncate", "u64", "u64", "u32", "name", "append"]))
         if kind == "flip" and out:
-            out = flip_bit(out, draw(byte_positions(len(out), data_start)), draw(st.integers(0, 7)))
+            out = flip_bit(out, draw(byte_positions(len(out), layout.data_start)), draw(st.integers(0, 7)))
         elif kind == "truncate":
             out = out[:draw(st.integers(0, len(out)))]
         elif kind == "u64":
-            at = draw(st.sampled_from(u64))
+            at = draw(st.sampled_from(layout.u64))
             out = out[:at] + struct.pack("<Q", draw(U64_VALUES)) + out[at + 8:]
         elif kind == "u32":
-            at = draw(st.sampled_from(u32))
+            at = draw(st.sampled_from(layout.u32))
             value = draw(st.integers(0, 40) | st.integers(0, (1 << 32) - 1))
             out = out[:at] + struct.pack("<I", value) + out[at + 4:]
+        elif kind == "name":  # one key or tensor name copied over another: duplicates, other keys
+            (src, n), (dst, m) = draw(st.sampled_from(layout.names)), draw(st.sampled_from(layout.names))
+            out = out[:dst] + layout.raw[src:src + min(n, m)] + out[dst + min(n, m):]
         elif kind == "append":
             out = out + draw(st.binary(min_size=1, max_size=64))
     return out
@@ -501,14 +566,15 @@ def check_gguf(path: Path, raw: bytes) -> None:
 def test_gguf_valid_file_passes() -> None:
     import gguf
 
-    raw = gguf_file()[0]
+    raw = gguf_file().raw
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.gguf"
         path.write_bytes(raw)
         check_gguf_header(path)
         reader = gguf.GGUFReader(str(path))
         assert [t.name for t in reader.tensors] == ["token_embd.weight", "blk.0.attn_norm.weight",
-                                                   "blk.0.attn_q.weight", "output_norm.weight"]
+                                                   "blk.1.attn_norm.weight", "blk.0.attn_q.weight"]
+        assert reader.alignment == 64 and reader.data_offset % 64 == 0
         assert reader.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "</s>", "a", "bc", ""]
 
 
@@ -527,7 +593,7 @@ def test_gguf_fuzz(profile: str) -> None:
 
 def test_gguf_checkpoint_checks_header(tmp_path: Path) -> None:
     """GGUFCheckpoint refuses a damaged header before the gguf package reads it."""
-    raw = gguf_file()[0]
+    raw = gguf_file().raw
     path = tmp_path / "m.gguf"
     path.write_bytes(raw[:16] + struct.pack("<Q", 1 << 60) + raw[24:])  # kv_count
     with pytest.raises(CheckpointError, match="metadata count 1152921504606846976 cannot fit"):

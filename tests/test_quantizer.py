@@ -29,15 +29,17 @@ def test_error_bounded_by_half_step() -> None:
         assert bool((err <= step / 2 + 1e-6).all())
 
 
-def test_numpy_reference_matches() -> None:
+@pytest.mark.parametrize("rows, cols", [(8, 128), (1100, 4096)])  # the second spans several row chunks
+def test_numpy_reference_matches(rows: int, cols: int) -> None:
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((8, 128)).astype(np.float32)
-    g = w.reshape(8, 2, 64)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    g = w.reshape(rows, cols // 64, 64)
     lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)
     s = (hi - lo) / 15
     z = np.clip(np.round(-lo / s), 0, 15)
-    ref = ((np.clip(np.round(g / s[..., None] + z[..., None]), 0, 15) - z[..., None]) * s[..., None]).reshape(8, 128)
-    np.testing.assert_allclose(fake_quantize(torch.from_numpy(w), QuantScheme(group_size=64)).numpy(), ref, rtol=1e-6)
+    ref = ((np.clip(np.round(g / s[..., None] + z[..., None]), 0, 15) - z[..., None]) * s[..., None]).reshape(rows, cols)
+    np.testing.assert_allclose(fake_quantize(torch.from_numpy(w), QuantScheme(group_size=64)).numpy(), ref,
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_group_size_must_divide_layer() -> None:
