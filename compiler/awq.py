@@ -145,11 +145,15 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
                 weights["lm_head.weight"] = torch.from_numpy(model.weights["embed_tokens.weight"])
             targets = [n for n in weights if is_quantized_linear(n, tuple(weights[n].shape), quant.quantize_head)]
             if calibration is None or not targets or (key == "head" and not head_searched):
-                yield quantize_weights(weights, targets, scheme, {})
-                continue
-            stats = calibration.head(weights["norm.weight"]) if key == "head" else calibration.block(key, weights)
-            mine = [g for g in groups if g.producer in weights]
-            yield awq_block(weights, targets, mine, qk_rows, stats, scheme).weights
+                part = quantize_weights(weights, targets, scheme, {})
+            else:
+                stats = calibration.head(weights["norm.weight"]) if key == "head" else calibration.block(key, weights)
+                part = awq_block(weights, targets, [g for g in groups if g.producer in weights], qk_rows, stats,
+                                 scheme).weights
+                del stats
+            del weights  # before the next block is read: one block alive at a time
+            yield part
+            del part
         if calibration is not None:
             calibration.finish()
     except BaseException:

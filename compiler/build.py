@@ -185,6 +185,7 @@ def compile_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: s
             return
         for qw in quantized_blocks(model, quant, func, names, progress):
             yield qw.quantized, qw.floats
+            del qw  # before the next block is read
 
     method = quant.method if quant else None
     return _build(out, model, spec, dtype, context_window, force, scheme, method, shapes, parts)
@@ -261,25 +262,30 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
 def _write_weights(path: Path, parts: Iterable[Part], names: list[str], dtype: str, layout: Layout) -> None:
     """Append each part's tensors to the weights file as it arrives: floats cast to `dtype`, int4
     weights packed in `layout`. Exactly the library's parameters `names` must arrive."""
-    def cast(a: Any) -> np.ndarray:  # packed int4 words keep their integer dtype
-        a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        return a.astype(dtype, copy=False) if a.dtype.kind == "f" else a
-
-    wanted = set(names)
     writer = SafetensorsWriter(path, names)
     try:
-        for quantized, floats in parts:
-            for name, w in floats.items():
-                if name in wanted:  # e.g. a tied embedding whose head copy was quantized
-                    writer.write(name, cast(w))
-            for name, (q, scale, zero) in quantized.items():
-                packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
-                for part, a in zip(("qweight", "scales", "zeros"), packed):
-                    writer.write(f"{name}.{part}", cast(a))
+        for part in parts:
+            _write_part(writer, part, set(names), dtype, layout)
+            del part  # before the next part is read: one block alive at a time
         writer.close()
     except BaseException:
         writer.abort()
         raise
+
+
+def _write_part(writer: SafetensorsWriter, part: Part, wanted: set[str], dtype: str, layout: Layout) -> None:
+    def cast(a: Any) -> np.ndarray:  # packed int4 words keep their integer dtype
+        a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        return a.astype(dtype, copy=False) if a.dtype.kind == "f" else a
+
+    quantized, floats = part
+    for name, w in floats.items():
+        if name in wanted:  # e.g. a tied embedding whose head copy was quantized
+            writer.write(name, cast(w))
+    for name, (q, scale, zero) in quantized.items():
+        packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
+        for suffix, a in zip(("qweight", "scales", "zeros"), packed):
+            writer.write(f"{name}.{suffix}", cast(a))
 
 
 def _make_readable(root: Path) -> None:

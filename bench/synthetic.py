@@ -1,7 +1,7 @@
 """Write a random-weight Hugging Face checkpoint with the shapes of a real model, for measuring
 compile memory, compile time and decode speed at real sizes without downloading weights.
 
-    python bench/synthetic_checkpoint.py --shape llama-3.2-1b -o /tmp/llama1b
+    python bench/synthetic.py --shape llama32-1b -o /tmp/llama1b
     /usr/bin/time -v awqc compile --model /tmp/llama1b --quant rtn-w4g128 --quantize-head -o /tmp/art
 
 bf16 weights (N(0, 0.02), norms 1), written shard by shard so this script itself stays small in
@@ -18,11 +18,12 @@ import torch
 
 SHAPES = {
     # name: hidden, intermediate, layers, heads, kv heads, vocab, tied, rope
-    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True, {"rope_type": "llama3", "factor": 32.0,
+    "llama32-1b": (2048, 8192, 16, 32, 8, 128256, True, {"rope_type": "llama3", "factor": 32.0,
                      "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, True, None),
-    "llama-2-7b": (4096, 11008, 32, 32, 32, 32000, False, None),
-    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False, None),
+    "llama32-3b": (3072, 8192, 28, 24, 8, 128256, True, None),
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000, False, None),
+    "llama31-8b": (4096, 14336, 32, 32, 8, 128256, False, {"rope_type": "llama3", "factor": 8.0,
+                   "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
 
 
@@ -31,7 +32,7 @@ def config(shape: str) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
             "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
             "num_key_value_heads": kv, "vocab_size": max(vocab, 49152), "tie_word_embeddings": tied,
-            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "max_position_embeddings": 131072 if rope else 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
             "rope_scaling": rope, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
             "torch_dtype": "bfloat16"}
 
@@ -73,7 +74,7 @@ def write(shape: str, out: Path, seed: int = 0) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama32-1b")
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args()
     print(write(args.shape, args.output))
