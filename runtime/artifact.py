@@ -85,7 +85,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is {path.stat().st_size} bytes, more than a manifest ever is; recompile it")
     try:
         manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: also an integer over Python's 4300-digit limit
         raise ArtifactError(f"{path} is not valid JSON ({err}); recompile the artifact") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a JSON object; recompile the artifact")
@@ -195,10 +195,14 @@ def _tensor_range(path: Path, name: str, info: Any, data_size: int) -> tuple[int
     if not isinstance(info, dict):
         raise bad("has no header entry")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _ST_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:  # a list or dict is unhashable: a TypeError
         raise bad(f"has dtype {dtype!r}, not one of {', '.join(_ST_DTYPES)}")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_count(d) for d in shape)):
         raise bad(f"has shape {shape!r}")
+    # numpy refuses (ValueError) any shape whose non-zero dims times the itemsize overflow its
+    # index type, even when a zero dim makes the tensor empty
+    if int(np.prod([max(d, 1) for d in shape], dtype=object)) * np.dtype(_ST_DTYPES[dtype]).itemsize >= 1 << 62:
+        raise bad(f"has shape {shape}, too large for an array")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise bad(f"has data_offsets {offsets!r}")
     start, end = offsets

@@ -13,10 +13,11 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
-from .artifact import (LIBRARY, MANIFEST, ArtifactError, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device, load_safetensors,
-                       read_manifest, verify_files)
+from .artifact import (LIBRARY, MANIFEST, ArtifactError, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device,
+                       load_safetensors, read_manifest)
 from .chat_template import render_chat
 from .sampling import Sampler, SamplingParams
+from .verified import verify_artifact
 
 _PAGE_SIZE = 16
 
@@ -28,19 +29,25 @@ class PromptTooLongError(ValueError):
 class Engine:
     """One sequence of one artifact on one device."""
 
-    def __init__(self, artifact: str | Path, device: str | None = None):
-        """device: a TVM device string ("cpu", "cuda", "cuda:1"); None is the artifact's kind."""
+    def __init__(self, artifact: str | Path, device: str | None = None, verify: bool = False):
+        """device: a TVM device string ("cpu", "cuda", "cuda:1"); None is the artifact's kind.
+        verify: hash every file even if it was verified before and has not changed since."""
         root = Path(artifact)
         self.root = root
         self.manifest = read_manifest(root)
-        verify_files(root, self.manifest)
+        verify_artifact(root, self.manifest, full=verify)
         check_compatible(self.manifest, tvm.__version__)
         kind = check_device(self.manifest, _device_exists, device)  # before loading CUDA code
         self.device = tvm.device(device or kind)
+        check_fits(self.manifest, root, _available_bytes(self.device))
         self.context_window = int(self.manifest["context_window"])
         self.prefill_chunk = int(self.manifest["prefill_chunk"])
         self.eos_token_ids = set(self.manifest["tokenizer"]["eos_token_ids"])
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), self.device)
+        try:
+            self.vm = VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), self.device)
+        except Exception as err:  # noqa: BLE001  (TVM raises its own error types for a bad library)
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise ArtifactError(f"{root / LIBRARY} cannot be loaded ({first}); recompile the artifact") from None
         weights = load_safetensors(root / WEIGHTS)
         missing = [n for n in self.manifest["params"] if n not in weights]
         if missing:
@@ -148,6 +155,44 @@ class Engine:
                 write(text[len(shown):])
                 shown = text
         return out
+
+
+def kv_cache_bytes(manifest: dict) -> int:
+    """Keys and values of every layer for the whole context window."""
+    m = manifest["model"]
+    itemsize = 2 if manifest["dtype"] == "float16" else 4
+    return 2 * m["num_hidden_layers"] * m["num_key_value_heads"] * m["head_dim"] * manifest["context_window"] * itemsize
+
+
+def check_fits(manifest: dict, root: Path, available: int | None) -> None:
+    """Refuse, before loading anything, an artifact whose weights and KV cache exceed the memory
+    available on its device (an OOM kill mid-load tells the user nothing)."""
+    if available is None:
+        return
+    weights, kv = (root / WEIGHTS).stat().st_size, kv_cache_bytes(manifest)
+    need = weights + kv + (64 << 20)  # + the library and working buffers
+    if need > available:
+        gib = 1 << 30
+        raise ArtifactError(
+            f"the artifact needs about {need / gib:.1f} GiB (weights {weights / gib:.1f} GiB + KV cache "
+            f"{kv / gib:.1f} GiB for a context of {manifest['context_window']}) but only {available / gib:.1f} GiB "
+            "is available; close other programs, recompile with a smaller --context-window, or use a smaller model")
+
+
+def _available_bytes(device) -> int | None:
+    """Free memory of the device: MemAvailable for the CPU, total memory for a GPU."""
+    if device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+    try:
+        return int(device.available_global_memory or device.total_global_memory or 0) or None
+    except Exception:  # noqa: BLE001  (a runtime without that device's API)
+        return None
 
 
 def _device_exists(kind: str) -> bool:

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+
+# The artifact verification record (runtime/verified.py) goes to a private directory, not ~/.cache.
+os.environ.setdefault("AWQC_CACHE_DIR", tempfile.mkdtemp(prefix="awqc-test-cache-"))
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -121,3 +121,43 @@ def test_artifact_for_other_arch(tmp_path: Path, tiny_artifact: Path) -> None:
     write_manifest(art, manifest)  # re-sealed: as if built so, not edited
     with pytest.raises(ArtifactError, match="built for aarch64"):
         Engine(art)
+
+
+def test_prompt_not_utf8(tiny_artifact: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", str(tiny_artifact), "--prompt", "caf\udce9"]) == 2  # a Latin-1 byte, surrogate-escaped
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_garbage_library_is_an_artifact_error(tmp_path: Path, tiny_artifact: Path) -> None:
+    from awqc.runtime.artifact import hash_tree
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    (art / "lib.so").write_bytes(b"\x7fELF" + b"\x00" * 200)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"] = hash_tree(art)
+    write_manifest(art, manifest)  # a consistent artifact whose library is garbage
+    with pytest.raises(ArtifactError, match="lib.so cannot be loaded"):
+        Engine(art)
+
+
+def test_unexpected_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                      tiny_artifact: Path) -> None:
+    import awqc.runtime.engine as engine
+
+    def bug(*_args, **_kwargs):
+        raise RuntimeError("something awqc did not expect\nsecond line")
+
+    monkeypatch.setattr(engine.Engine, "__init__", bug)
+    assert main(["run", str(tiny_artifact), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RuntimeError: something awqc did not expect" in err and "-v" in err
+    with pytest.raises(RuntimeError):
+        main(["-v", "run", str(tiny_artifact), "--prompt", "hi"])
+
+
+@pytest.mark.parametrize("argv, message", [(["tune", "--group", "0"], "group size 0"),
+                                           (["eval", "--model", "default", "--windows", "-1"], "--windows")])
+def test_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
