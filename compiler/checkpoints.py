@@ -121,7 +121,8 @@ class GGUFCheckpoint:
         proj = name.split(".")[-2]
         if self._permute and proj in self._heads:
             w = _unpermute_rope_rows(w, self._heads[proj])
-        return np.ascontiguousarray(w)
+        w = np.ascontiguousarray(w)
+        return w if w.flags.writeable else w.copy()  # F32 tensors are views of the read-only file map
 
 
 # GGUF header limits. The gguf package (and transformers, through it) loops over and allocates by

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import struct
@@ -185,6 +186,20 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
         info = header[name]
         out[name] = data[base + start:base + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
+
+
+def drop_pages(view: np.ndarray) -> None:
+    """Tell the kernel that the mapped file pages behind `view` (an array of load_safetensors) are
+    not needed any more: once a tensor is copied to the device, its pages leave this process's
+    RSS instead of doubling it (the file is unchanged; a later access reads it again)."""
+    owner = view
+    while owner is not None and not isinstance(getattr(owner, "_mmap", None), mmap.mmap):
+        owner = getattr(owner, "base", None)
+    if owner is None or view.nbytes == 0:
+        return
+    offset = view.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    owner._mmap.madvise(mmap.MADV_DONTNEED, start, offset + view.nbytes - start)
 
 
 def _tensor_range(path: Path, name: str, info: Any, data_size: int) -> tuple[int, int]:

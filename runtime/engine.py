@@ -14,7 +14,7 @@ from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
 from .artifact import (LIBRARY, MANIFEST, ArtifactError, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device,
-                       load_safetensors, read_manifest)
+                       drop_pages, load_safetensors, read_manifest)
 from .chat_template import render_chat
 from .sampling import Sampler, SamplingParams
 from .verified import verify_artifact
@@ -52,7 +52,10 @@ class Engine:
         missing = [n for n in self.manifest["params"] if n not in weights]
         if missing:
             raise ArtifactError(f"{root / WEIGHTS} lacks the parameters {', '.join(missing[:3])}; recompile the artifact")
-        self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device) for n in self.manifest["params"]]
+        self.params = []
+        for n in self.manifest["params"]:  # one tensor at a time: RSS is the weights once, not twice
+            self.params.append(tvm.runtime.tensor(np.asarray(weights[n]), self.device))
+            drop_pages(weights[n])
         self.tokenizer = _load_tokenizer(root / TOKENIZER_DIR)
         self._kv_add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
         self._kv_remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")

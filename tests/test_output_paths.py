@@ -165,3 +165,47 @@ def test_sigterm_during_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path) 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
     assert not out.exists() and not leftovers(out)
+
+
+def test_same_inputs_give_identical_bytes(tmp_path: Path, tiny_ckpt: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert compile_cli(tiny_ckpt, a) == 0 and compile_cli(tiny_ckpt, b) == 0
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def _compile_process(ckpt: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "awqc.compiler.cli", "compile", "--model", str(ckpt),
+                             "-o", str(out), "--context-window", "64"], stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
+def test_sigterm_at_any_phase_leaves_nothing(tmp_path: Path, tiny_ckpt: Path, delay: float) -> None:
+    """Killed while importing, loading the model, or compiling: nothing at -o, nothing beside it."""
+    out = tmp_path / "out"
+    proc = _compile_process(tiny_ckpt, out)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(60)
+    if code == 0:  # finished before the signal: then the artifact is whole
+        assert (out / "manifest.json").is_file()
+    else:
+        assert code in (128 + signal.SIGTERM, -signal.SIGTERM), proc.stderr.read()[-2000:]
+        assert not out.exists()
+    assert not leftovers(out)
+
+
+def test_two_real_compiles_racing(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """Two processes compiling to one -o: one artifact, complete; the other a clear error."""
+    from awqc.runtime.artifact import read_manifest, verify_files
+
+    out = tmp_path / "out"
+    procs = [_compile_process(tiny_ckpt, out) for _ in range(2)]
+    codes = sorted(p.wait(300) for p in procs)
+    errors = "".join(p.stderr.read() for p in procs)
+    assert codes == [0, 2], errors[-2000:]
+    assert "already exists" in errors or "appeared while compiling" in errors
+    verify_files(out, read_manifest(out))
+    assert not leftovers(out)
