@@ -25,7 +25,7 @@ from awqc.passes.quantizer import QuantizedWeights, QuantScheme, is_quantized_li
 from .calibrate import CalibrationStats
 from .llama import export_model
 from .config import ModelConfig
-from .model_import import ImportedModel, expected_shapes
+from .model_import import ImportedModel, expected_shapes, weight_parts
 from .targets import get_target
 
 METHODS = ("float", "rtn", "awq", "awq-scale")
@@ -124,7 +124,7 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
     function, where AWQ finds its scaling groups. `quant`: build.QuantConfig."""
     from tqdm import tqdm
 
-    from .calibrate import Calibration, block_params
+    from .calibrate import Calibration
 
     cfg, scheme = model.config, quant.scheme
     tied_head = quant.quantize_head and cfg.tie_word_embeddings
@@ -134,11 +134,8 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
         groups = find_scaling_groups(func, param_names)
         qk_rows = attention_qk_rows(func, param_names)
         calibration = Calibration(model, quant.calibration, head_searched)
-    parts = [("embed", ["embed_tokens.weight"])]
-    parts += [(i, block_params(cfg, i)) for i in range(cfg.num_hidden_layers)]
-    parts += [("head", ["norm.weight"] + (["lm_head.weight"] if not cfg.tie_word_embeddings else []))]
     try:
-        for key, names in tqdm(parts, desc=f"{quant.method} {scheme.name}", unit="block", disable=not progress,
+        for key, names in tqdm(weight_parts(cfg), desc=f"{quant.method} {scheme.name}", unit="block", disable=not progress,
                                file=sys.stderr):
             weights = {n: torch.from_numpy(model.weights[n]) for n in names}
             if key == "head" and tied_head:  # the head's own copy of the embedding, rounded to nearest

@@ -27,7 +27,7 @@ from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_lay
 
 from .calibrate import CalibrationSettings
 from .llama import export_model
-from .model_import import ImportedModel
+from .model_import import ImportedModel, weight_parts
 from .output import OutputError, check_output, install, make_staging_dir
 from .pipeline import relax_pipeline, w4_scheduler
 from .targets import TargetSpec
@@ -56,25 +56,6 @@ class W4Backend:
     so the weights are always packed in the layout the compiled kernels read."""
     layout: Layout
     schedule: Callable
-
-
-def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: str) -> str | None:
-    """For a W4A8 scheme, the target's integer dot-product ISA (schedules/w4a8_cpu.py); refuses
-    a target or dtype that cannot run it. None for every other scheme."""
-    if scheme is None or scheme.act_bits != 8:
-        return None
-    from awqc.schedules.w4a8_cpu import dot_isa
-
-    isa = dot_isa(spec.tvm_target) if spec.device == "cpu" else None
-    plain = dataclasses.replace(scheme, act_bits=16).name
-    if isa is None:
-        raise QuantizationError(
-            f"{scheme.name} (int8 activations) runs on x86 CPU targets with AVX2 or AVX-512 VNNI, not on "
-            f"target {spec.name}; use {plain} (float activations) there")
-    if dtype != "float32":
-        raise QuantizationError(f"{scheme.name} kernels take float32 activations; compile with --dtype float32 "
-                                f"or use {plain}")
-    return isa
 
 
 def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: str) -> str | None:
@@ -175,12 +156,7 @@ def compile_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: s
 
     def parts(func: Any, names: list[str]) -> Iterator[Part]:
         if quant is None:
-            from .calibrate import block_params
-
-            cfg = model.config
-            groups = [["embed_tokens.weight"], *(block_params(cfg, i) for i in range(cfg.num_hidden_layers)),
-                      [n for n in ("norm.weight", "lm_head.weight") if n in names]]
-            for group in groups:
+            for _, group in weight_parts(model.config):
                 yield {}, {n: model.weights[n] for n in group}
             return
         for qw in quantized_blocks(model, quant, func, names, progress):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .model_import import ImportedModel
+from .model_import import ImportedModel, block_params
 from .text_data import default_calibration_text, read_text, token_windows, tokenize
 
 DEFAULT_SAMPLES = 128
@@ -111,13 +111,6 @@ def load_samples(model: ImportedModel, calib_text: str | Path | None = None, n_s
 
 
 # -- the block-by-block forward --------------------------------------------------------------------
-def block_params(cfg: ModelConfig, i: int) -> list[str]:
-    """awqc's parameter names of decoder block i."""
-    from .model_import import expected_shapes
-
-    return [n for n in expected_shapes(cfg) if n.startswith(f"layers.{i}.")]
-
-
 def _family(cfg: ModelConfig):
     """transformers' config, decoder-layer, rotary-embedding and RMSNorm classes of the model's family."""
     import importlib
@@ -406,22 +399,29 @@ def _open_cache(path: Path, key: str, taps: list[tuple[str, int]]) -> Callable[[
     return read
 
 
+def _every_block(model: ImportedModel, block: Callable[[int, dict[str, torch.Tensor]], list[InputStats]],
+                 head: Callable[[torch.Tensor], list[InputStats]] | None, progress: bool) -> list[InputStats]:
+    """The statistics of every block (and of the head's input when `head` is given), in model order."""
+    from tqdm import tqdm
+
+    inputs: list[InputStats] = []
+    for i in tqdm(range(model.config.num_hidden_layers), desc="calibrate", unit="block", disable=not progress,
+                  file=sys.stderr):
+        inputs += block(i, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, i)})
+    if head is not None:
+        inputs += head(torch.from_numpy(model.weights["norm.weight"]))
+    return inputs
+
+
 def calibration_stats(model: ImportedModel, settings: CalibrationSettings = CalibrationSettings(),
                       quantize_head: bool = False, progress: bool = True) -> CalibrationStats:
     """Every block's statistics at once (for evaluation and tests on small models; the compile
     driver takes them block by block instead)."""
-    from tqdm import tqdm
-
     head = quantize_head and not model.config.tie_word_embeddings
     cal = Calibration(model, settings, head)
-    inputs: list[InputStats] = []
     try:
-        for i in tqdm(range(model.config.num_hidden_layers), desc="calibrate", unit="block", disable=not progress,
-                      file=sys.stderr):
-            weights = {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, i)}
-            inputs += cal.block(i, weights).inputs
-        if head:
-            inputs += cal.head(torch.from_numpy(model.weights["norm.weight"])).inputs
+        inputs = _every_block(model, lambda i, w: cal.block(i, w).inputs,
+                              (lambda norm: cal.head(norm).inputs) if head else None, progress)
         cal.finish()
     except BaseException:
         cal.abandon()
@@ -434,9 +434,5 @@ def calibrate(model: ImportedModel, samples: Sequence[Sequence[int]], quantize_h
     """The statistics of every quantized linear's input over the given token samples."""
     head = quantize_head and not model.config.tie_word_embeddings
     cal = BlockCalibrator(model, samples, gram_tokens)
-    inputs: list[InputStats] = []
-    for i in range(model.config.num_hidden_layers):
-        inputs += cal.block(i, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, i)})
-    if head:
-        inputs += cal.head(torch.from_numpy(model.weights["norm.weight"]))
+    inputs = _every_block(model, cal.block, cal.head if head else None, progress)
     return CalibrationStats(inputs, len(samples), len(samples[0]), dict(cal.seconds))

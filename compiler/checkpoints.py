@@ -77,12 +77,12 @@ class SafetensorsCheckpoint:
 
 
 class GGUFCheckpoint:
-    """The tensors of a GGUF file, under Hugging Face names."""
+    """The tensors of a GGUF file, under Hugging Face names. The caller has run
+    check_gguf_header on it (the gguf package trusts the file's counts and lengths; the loader
+    checks before transformers reads the header, so once is enough)."""
 
     def __init__(self, path: Path, n_heads: int, n_kv_heads: int, n_layers: int):
         import gguf
-
-        check_gguf_header(path)  # the gguf package trusts the file's counts and lengths
         try:
             reader = gguf.GGUFReader(str(path))
             arch = str(reader.fields["general.architecture"].contents())

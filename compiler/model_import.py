@@ -137,6 +137,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def block_params(cfg: ModelConfig, i: int) -> list[str]:
+    """awqc's parameter names of decoder block i."""
+    return [n for n in expected_shapes(cfg) if n.startswith(f"layers.{i}.")]
+
+
+def weight_parts(cfg: ModelConfig) -> list[tuple[str | int, list[str]]]:
+    """The parameters in the order a compile streams them: ("embed", [...]), (i, block i's), and
+    ("head", final norm and an untied LM head)."""
+    return ([("embed", ["embed_tokens.weight"])]
+            + [(i, block_params(cfg, i)) for i in range(cfg.num_hidden_layers)]
+            + [("head", ["norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"]))])
+
+
 def _parts(cfg: ModelConfig, name: str) -> list[str]:
     """The checkpoint tensors an awqc parameter is made of (q/k/v and gate/up are fused)."""
     if ".qkv_proj." in name:

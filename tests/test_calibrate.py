@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from awqc.compiler.calibrate import (BlockCalibrator, CalibrationError, CalibrationSettings, CalibrationStats, calibrate,
-                                     block_params, calibration_samples, calibration_stats, hf_encoder,
-                                     load_samples)
-from awqc.compiler.model_import import load_model
+                                     calibration_samples, calibration_stats, hf_encoder, load_samples)
+from awqc.compiler.model_import import block_params, load_model
 from awqc.compiler.text_data import (CALIBRATION_DIRS, DOC_ROOT, EVAL_DIRS, TextError, default_calibration_text,
                                      token_windows)
 

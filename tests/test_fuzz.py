@@ -36,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from awqc.compiler.checkpoints import CheckpointError, GGUFCheckpoint, check_gguf_header
+from awqc.compiler.checkpoints import CheckpointError, check_gguf_header
 from awqc.compiler.tensor_file import SafetensorsWriter
 from awqc.runtime.artifact import (ArtifactError, check_compatible, check_device, load_safetensors, read_manifest,
                                    verify_files, write_manifest)
@@ -591,13 +591,15 @@ def test_gguf_fuzz(profile: str) -> None:
         run_property(profile, mutated_gguf(), lambda raw: check_gguf(path, raw))
 
 
-def test_gguf_checkpoint_checks_header(tmp_path: Path) -> None:
-    """GGUFCheckpoint refuses a damaged header before the gguf package reads it."""
+def test_gguf_loader_checks_header(tmp_path: Path) -> None:
+    """Loading a GGUF refuses a damaged header before transformers or the gguf package read it."""
+    from awqc.compiler.model_import import ModelImportError, load_model
+
     raw = gguf_file().raw
     path = tmp_path / "m.gguf"
     path.write_bytes(raw[:16] + struct.pack("<Q", 1 << 60) + raw[24:])  # kv_count
-    with pytest.raises(CheckpointError, match="metadata count 1152921504606846976 cannot fit"):
-        GGUFCheckpoint(path, n_heads=1, n_kv_heads=1, n_layers=1)
+    with pytest.raises(ModelImportError, match="metadata count 1152921504606846976 cannot fit"):
+        load_model(str(path))
 
 
 # Hand-made headers, to check each problem gets its own message.
