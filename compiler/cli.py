@@ -392,7 +392,8 @@ _terminated: list[int] = []
 
 def _terminate(signum: int, _frame: object) -> None:
     """SIGTERM unwinds like Ctrl-C, so the compile's cleanup runs and nothing is left behind. (Raised
-    inside a TVM pass written in Python, the exit arrives wrapped in a TVM error: main checks.)"""
+    inside a TVM pass written in Python, or inside numpy's conversion of a tensor, the exit arrives
+    as another exception: main checks.)"""
     _terminated.append(signum)
     raise SystemExit(128 + signum)
 
@@ -411,15 +412,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"awqc {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:
-        detail = err.strerror if isinstance(err, OSError) and err.strerror else err
-        where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
-        print(f"awqc {args.command}: error: {detail}{where}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001  (the one place that turns a bug into one line)
-        if _terminated:
+    except Exception as err:  # noqa: BLE001  (the one place that turns an error into one line)
+        if _terminated:  # SIGTERM's exit, re-raised by numpy, torch or TVM as an error of their own
             print(f"awqc {args.command}: terminated", file=sys.stderr)
             return 128 + _terminated[0]
+        if isinstance(err, (ValueError, OSError)):
+            detail = err.strerror if isinstance(err, OSError) and err.strerror else err
+            where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
+            print(f"awqc {args.command}: error: {detail}{where}", file=sys.stderr)
+            return 2
         if args.verbose:
             raise
         first = str(err).splitlines()[0] if str(err) else ""
