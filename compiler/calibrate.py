@@ -17,12 +17,15 @@ Per linear input, over every calibration token:
 
 The Gram costs T·K² per input, so by default it is estimated from `gram_tokens` tokens drawn at
 random (seeded) from each sample; `abs_mean` always uses every token. `gram_tokens=None` uses all.
+While fewer tokens than the input's width feed it (a 7B model at 16 samples), the Gram is kept as
+those tokens' rows instead (`SecondMoment`): smaller, and the searches' losses cost less.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..passes.awq_scale import SecondMoment
 from .config import ModelConfig
 from .model_import import ImportedModel, block_params
 from .text_data import default_calibration_text, read_text, token_windows, tokenize
@@ -39,7 +43,7 @@ DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 DEFAULT_GRAM_TOKENS = 128  # per sample: 16k tokens for the Gram at the defaults
 _BATCH = 8  # samples per block forward
-CACHE_FORMAT = "awqc-calibration/2"
+CACHE_FORMAT = "awqc-calibration/3"
 
 # A decoder block's linears whose inputs are tapped: transformers' module → awqc's (fused) weight.
 # q/k/v share q_proj's input and gate/up share gate_proj's.
@@ -58,9 +62,14 @@ class InputStats:
 
     consumers: tuple[str, ...]
     abs_mean: torch.Tensor  # [K] float32, mean |x| per input channel
-    gram: torch.Tensor  # [K, K] float32, mean x xᵀ
+    moment: SecondMoment  # mean x xᵀ, as the Gram or as its token rows
     n_tokens: int
     n_gram_tokens: int
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """mean x xᵀ [K, K] (built from the rows when it is held as rows)."""
+        return self.moment.dense()
 
 
 @dataclasses.dataclass
@@ -146,13 +155,17 @@ def _unfused(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str)
 
 
 class _Accumulator:
-    """Running sums for one tapped input; the Gram in float32 via addmm (per-batch sums of a few
-    thousand tokens are exact enough, and float64 would double the time)."""
+    """Running sums for one tapped input. The Gram's token rows are kept as they are while there
+    are fewer of them than input features (a 7B model's layers at 16 samples), else summed into
+    the Gram in float32 via addmm (per-batch sums of a few thousand tokens are exact enough, and
+    float64 would double the time)."""
 
     def __init__(self, consumers: tuple[str, ...], features: int):
         self.consumers = consumers
+        self.features = features
         self.abs_sum = torch.zeros(features, dtype=torch.float64)
-        self.gram = torch.zeros(features, features, dtype=torch.float32)
+        self.rows: list[torch.Tensor] | None = []
+        self.gram: torch.Tensor | None = None
         self.n = 0
         self.n_gram = 0
 
@@ -168,12 +181,24 @@ class _Accumulator:
         self.abs_sum += abs_sum
         self.n += flat.shape[0]
         xs = flat if rows is None else flat.index_select(0, rows)
-        torch.addmm(self.gram, xs.T, xs, out=self.gram)
         self.n_gram += xs.shape[0]
+        if self.gram is None and self.n_gram <= self.features:
+            self.rows.append(xs.clone())  # x is the block's buffer, overwritten by its output
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(self.features, self.features, dtype=torch.float32)
+            for r in self.rows:
+                torch.addmm(self.gram, r.T, r, out=self.gram)
+            self.rows = None
+        torch.addmm(self.gram, xs.T, xs, out=self.gram)
 
     def result(self) -> InputStats:
-        return InputStats(self.consumers, (self.abs_sum / max(self.n, 1)).float(), self.gram / max(self.n_gram, 1),
-                          self.n, self.n_gram)
+        n = max(self.n_gram, 1)
+        if self.gram is not None:
+            moment = SecondMoment(gram=self.gram / n)
+        else:
+            moment = SecondMoment(rows=torch.cat(self.rows) / math.sqrt(n))
+        return InputStats(self.consumers, (self.abs_sum / max(self.n, 1)).float(), moment, self.n, self.n_gram)
 
 
 class BlockCalibrator:
@@ -321,7 +346,7 @@ class Calibration:
         from .tensor_file import SafetensorsWriter
 
         self._cache_tmp = cache.with_name(f".{cache.name}.tmp")
-        names = [f"{w}.{part}" for w, _ in self._taps for part in ("abs_mean", "gram", "counts")]
+        names = [f"{w}.{part}" for w, _ in self._taps for part in ("abs_mean", "moment", "counts")]
         self._writer = SafetensorsWriter(self._cache_tmp, names, {"format": CACHE_FORMAT, "key": self.key})
 
     def block(self, i: int, weights: Mapping[str, torch.Tensor]) -> CalibrationStats:
@@ -344,7 +369,8 @@ class Calibration:
             for s in inputs:
                 w = s.consumers[0]
                 self._writer.write(f"{w}.abs_mean", s.abs_mean.numpy())
-                self._writer.write(f"{w}.gram", s.gram.numpy())
+                m = s.moment
+                self._writer.write(f"{w}.moment", (m.gram if m.gram is not None else m.rows).numpy())
                 self._writer.write(f"{w}.counts", np.array([s.n_tokens, s.n_gram_tokens], dtype=np.int64))
         return inputs
 
@@ -383,18 +409,22 @@ def _open_cache(path: Path, key: str, taps: list[tuple[str, int]]) -> Callable[[
         raise CalibrationError(f"calibration cache {path} was made for another model, calibration text or "
                                f"settings; {fix}")
     widths = dict(taps)
-    missing = [w for w in widths if not {f"{w}.abs_mean", f"{w}.gram", f"{w}.counts"} <= names]
+    missing = [w for w in widths if not {f"{w}.abs_mean", f"{w}.moment", f"{w}.counts"} <= names]
     if missing:
         raise CalibrationError(f"calibration cache {path} is incomplete (no statistics for {missing[0]}); {fix}")
 
     def read(weight: str) -> InputStats:
         k = widths[weight]
-        abs_mean, gram = handle.get_tensor(f"{weight}.abs_mean"), handle.get_tensor(f"{weight}.gram")
+        abs_mean, moment = handle.get_tensor(f"{weight}.abs_mean"), handle.get_tensor(f"{weight}.moment")
         counts = handle.get_tensor(f"{weight}.counts")
-        if (abs_mean.shape != (k,) or gram.shape != (k, k) or counts.shape != (2,) or int(counts.min()) < 1
-                or not bool(torch.isfinite(abs_mean).all() and torch.isfinite(gram).all())):
+        ok = abs_mean.shape == (k,) and counts.shape == (2,) and int(counts.min()) >= 1
+        # the rows when fewer tokens than features fed the Gram (as _Accumulator keeps them)
+        as_rows = ok and int(counts[1]) <= k
+        ok = ok and moment.shape == ((int(counts[1]), k) if as_rows else (k, k))
+        if not (ok and bool(torch.isfinite(abs_mean).all() and torch.isfinite(moment).all())):
             raise CalibrationError(f"calibration cache {path} holds damaged statistics for {weight}; {fix}")
-        return InputStats((weight,), abs_mean.float(), gram.float(), int(counts[0]), int(counts[1]))
+        moment = SecondMoment(rows=moment.float()) if as_rows else SecondMoment(gram=moment.float())
+        return InputStats((weight,), abs_mean.float(), moment, int(counts[0]), int(counts[1]))
 
     return read
 

@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from .awq_scale import fake_quantize_, thread_map
+from .awq_scale import SecondMoment, fake_quantize_, thread_map
 from .quantizer import QuantScheme
 
 MAX_SHRINK = 0.5
@@ -47,21 +47,19 @@ def group_errors(w: torch.Tensor, gram_blocks: torch.Tensor, scheme: QuantScheme
     return (torch.bmm(e, gram_blocks) * e).sum(-1).T
 
 
-def diagonal_blocks(gram: torch.Tensor, group_size: int, col_scale: torch.Tensor | None = None) -> torch.Tensor:
+def diagonal_blocks(moment: SecondMoment, group_size: int, col_scale: torch.Tensor | None = None) -> torch.Tensor:
     """G_gg for every group [K/G, G, G], of the input after scaling by 1/col_scale."""
-    k = gram.shape[0]
-    ng = k // group_size
-    blocks = gram.reshape(ng, group_size, ng, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    blocks = moment.diagonal_blocks(group_size)
     if col_scale is not None:
-        inv = (1.0 / col_scale).reshape(ng, group_size)
+        inv = (1.0 / col_scale).reshape(-1, group_size)
         blocks = blocks * inv[:, :, None] * inv[:, None, :]
     return blocks.contiguous()
 
 
-def search_layer_clip(w: torch.Tensor, gram: torch.Tensor, scheme: QuantScheme, col_scale: torch.Tensor | None,
+def search_layer_clip(w: torch.Tensor, moment: SecondMoment, scheme: QuantScheme, col_scale: torch.Tensor | None,
                       frozen_rows: np.ndarray | None = None, grid: list[float] | None = None) -> torch.Tensor:
     """The best clip ratio per (row, group) [N, K/G]; 1.0 on `frozen_rows`."""
-    blocks = diagonal_blocks(gram, scheme.group_size, col_scale)
+    blocks = diagonal_blocks(moment, scheme.group_size, col_scale)
     best_err = best = None
     buf = torch.empty_like(w)
     for c in grid or clip_grid():
@@ -86,7 +84,7 @@ def search_clip(weights: Mapping[str, torch.Tensor], names: list[str], stats, sc
     todo = [n for n in names if n in stats and not (n in qk_rows and qk_rows[n].all())]
 
     def one(name: str) -> torch.Tensor:
-        return search_layer_clip(weights[name], stats.of(name).gram, scheme, col_scales.get(name), qk_rows.get(name))
+        return search_layer_clip(weights[name], stats.of(name).moment, scheme, col_scales.get(name), qk_rows.get(name))
 
     with tqdm(total=len(todo), desc="awq clip", unit="layer", disable=not progress, file=sys.stderr) as bar:
         return dict(zip(todo, thread_map(one, todo, bar)))

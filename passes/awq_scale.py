@@ -36,6 +36,9 @@ measures each group's loss by running a module on cached activations:
   of the whole attention (or MLP) block output; for v → o and up → down both use the consumer
   output, as here. One float forward pass then suffices (scaling preserves float outputs), and the
   Gram gives the loss over all calibration tokens in O(N·K²) per α, independent of the token count.
+* Past `SEARCH_MACS` multiply-adds per loss (7B-sized layers), the loss is measured on a seeded
+  sample of each consumer's output rows, so a 7B search takes minutes on a CPU, not hours; the
+  references measure every row on a GPU. The α grid is compared on the same rows.
 * v → o is also scaled under grouped-query attention (scales tied per KV head); llm-awq skips it
   when v_proj and o_proj shapes differ.
 * awqc's quantizer (passes/quantizer.py) clamps each group's range to include 0; the reference's
@@ -433,23 +436,81 @@ def fake_quantize_(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | No
     return w
 
 
+@dataclasses.dataclass(frozen=True)
+class SecondMoment:
+    """mean x xᵀ [K, K] of a linear's input, held as the Gram itself or, when fewer tokens than K
+    fed it, as those tokens' rows F [T, K] (scaled so that Fᵀ F is the Gram): smaller to keep,
+    and an output error then costs N·K·T instead of N·K²."""
+
+    gram: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.gram is None) == (self.rows is None):
+            raise ValueError("a SecondMoment holds either the Gram or its rows")
+
+    @property
+    def width(self) -> int:
+        return (self.gram if self.gram is not None else self.rows).shape[-1]
+
+    @property
+    def rank(self) -> int:
+        """The inner size of an output error: K for a Gram, T for rows."""
+        return self.width if self.gram is not None else self.rows.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return self.gram if self.gram is not None else self.rows.T @ self.rows
+
+    def error(self, e: torch.Tensor, out: torch.Tensor | None = None) -> float:
+        """Mean over tokens of ||x eᵀ||² for a weight error e [N, K]; `out` [N, rank] is scratch."""
+        if self.gram is not None:
+            p = torch.mm(e, self.gram, out=out)
+            return float(torch.dot(p.view(-1), e.view(-1)))
+        p = torch.mm(e, self.rows.T, out=out)
+        return float(torch.dot(p.view(-1), p.view(-1)))
+
+    def diagonal_blocks(self, group_size: int) -> torch.Tensor:
+        """The Gram's diagonal blocks G_gg [K/G, G, G]."""
+        ng = self.width // group_size
+        if self.gram is not None:
+            return self.gram.reshape(ng, group_size, ng, group_size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        r = self.rows.reshape(-1, ng, group_size).transpose(0, 1)  # [K/G, T, G]
+        return torch.bmm(r.transpose(1, 2), r)
+
+
+# A loss evaluation of the scale search multiplies rows × K × rank; above this many multiply-adds
+# per consumer it measures a seeded sample of the consumer's output rows instead of all of them
+# (every row's error is its own: the grid compares α on the same rows). The default model's layers
+# stay under it, so they are searched on every row; a 7B model's are sampled to 1k-2k rows.
+SEARCH_MACS = 1 << 33
+
+
+def loss_rows(n: int, k: int, rank: int, seed: int = 0) -> torch.Tensor | None:
+    """The output rows a scale-search loss is measured on (None: all n)."""
+    if n * k * rank <= SEARCH_MACS:
+        return None
+    keep = max(SEARCH_MACS // (k * rank), 256)
+    if keep >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+
+
 class LossWorkspace:
-    """Preallocated [N, K] buffers for repeated losses of one weight."""
+    """Preallocated buffers for repeated losses of one weight [N, K] on inputs of `rank`."""
 
-    def __init__(self, w: torch.Tensor):
+    def __init__(self, w: torch.Tensor, rank: int):
         self.err = torch.empty_like(w)
-        self.prod = torch.empty_like(w)
+        self.prod = torch.empty(w.shape[0], rank, dtype=w.dtype)
 
 
-def group_loss(w: torch.Tensor, gram: torch.Tensor, col_scale: torch.Tensor, scheme: QuantScheme,
+def group_loss(w: torch.Tensor, moment: SecondMoment, col_scale: torch.Tensor, scheme: QuantScheme,
                ws: LossWorkspace | None = None) -> float:
-    """Output error of replacing w [N, K] by Q(w·diag(s))·diag(1/s) on inputs with second-moment
-    matrix `gram` [K, K]: mean over tokens of ||x Eᵀ||² = sum((E @ gram) * E)."""
-    ws = ws or LossWorkspace(w)
+    """Output error of replacing w [N, K] by Q(w·diag(s))·diag(1/s) on inputs of second moment
+    `moment`: mean over tokens of ||x Eᵀ||²."""
+    ws = ws or LossWorkspace(w, moment.rank)
     e = fake_quantize_(torch.mul(w, col_scale, out=ws.err), scheme)
     e.div_(col_scale).sub_(w)
-    torch.mm(e, gram, out=ws.prod)
-    return float(torch.dot(ws.prod.view(-1), e.view(-1)))
+    return moment.error(e, ws.prod)
 
 
 def _column_scales(s: torch.Tensor, columns: np.ndarray) -> torch.Tensor:
@@ -509,10 +570,16 @@ def search_group(group: ScalingGroup, weights: Mapping[str, torch.Tensor], stats
         return None
     s_x = activation_scale(group, stats)
     s_w = weight_scale(group, weights, scheme, measured) if duo else None
-    spaces = {c.weight: LossWorkspace(weights[c.weight]) for c in measured}
+    moments = {c.weight: stats.of(c.weight).moment for c in measured}
+    sampled = {}
+    for c in measured:
+        w = weights[c.weight]
+        rows = loss_rows(w.shape[0], w.shape[1], moments[c.weight].rank)
+        sampled[c.weight] = w if rows is None else w.index_select(0, rows)
+    spaces = {c.weight: LossWorkspace(sampled[c.weight], moments[c.weight].rank) for c in measured}
 
     def loss(s: torch.Tensor) -> float:
-        return sum(group_loss(weights[c.weight], stats.of(c.weight).gram, _column_scales(s, c.columns), scheme,
+        return sum(group_loss(sampled[c.weight], moments[c.weight], _column_scales(s, c.columns), scheme,
                               spaces[c.weight]) for c in measured)
 
     best: ScaleResult | None = None

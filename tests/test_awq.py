@@ -20,7 +20,7 @@ from awqc.compiler.model_import import load_model
 from awqc.compiler.targets import get_target
 from awqc.passes.awq_clip import diagonal_blocks, group_errors, search_layer_clip
 from awqc.passes.awq_scale import (NonFiniteError, ScaleResult, apply_scales, attention_qk_rows, fake_quantize_,
-                                   find_scaling_groups, group_loss, search_group)
+                                   SecondMoment, find_scaling_groups, group_loss, loss_rows, search_group)
 from awqc.passes.quantizer import QuantScheme, fake_quantize
 
 from conftest import make_checkpoint, rel_err
@@ -39,7 +39,8 @@ class _Stats:
     def __init__(self, xs: dict[str, torch.Tensor]):
         from awqc.compiler.calibrate import InputStats
 
-        self.by = {n: InputStats((n,), x.abs().mean(0), x.T @ x / x.shape[0], x.shape[0], x.shape[0])
+        self.by = {n: InputStats((n,), x.abs().mean(0), SecondMoment(gram=x.T @ x / x.shape[0]), x.shape[0],
+                                 x.shape[0])
                    for n, x in xs.items()}
 
     def of(self, name: str):
@@ -57,7 +58,51 @@ def test_gram_loss_equals_direct_output_error() -> None:
     scheme = QuantScheme(group_size=32)
     direct = ((x @ (fake_quantize(w * s, scheme) / s - w).T) ** 2).sum(1).mean()
     gram = x.T @ x / x.shape[0]
-    assert group_loss(w, gram, s, scheme) == pytest.approx(float(direct), rel=1e-4)
+    assert group_loss(w, SecondMoment(gram=gram), s, scheme) == pytest.approx(float(direct), rel=1e-4)
+
+
+def test_second_moment_as_rows_equals_the_gram() -> None:
+    """Held as token rows (fewer tokens than features), the loss and the clip's diagonal blocks are
+    those of the Gram the rows make."""
+    x = _salient_activations(t=96)
+    rows, gram = SecondMoment(rows=x / 96 ** 0.5), SecondMoment(gram=x.T @ x / 96)
+    w = torch.randn(40, 128) * 0.05
+    s = torch.rand(128) + 0.5
+    scheme = QuantScheme(group_size=32)
+    direct = ((x @ (fake_quantize(w * s, scheme) / s - w).T) ** 2).sum(1).mean()
+    assert rows.rank == 96 and gram.rank == 128
+    assert group_loss(w, rows, s, scheme) == pytest.approx(float(direct), rel=1e-4)
+    torch.testing.assert_close(diagonal_blocks(rows, 32), diagonal_blocks(gram, 32), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        SecondMoment()
+
+
+def test_loss_rows_sample_only_large_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert loss_rows(1536, 576, 576) is None  # the default model's largest layer: every row
+    rows = loss_rows(22016, 4096, 2048)  # a 7B gate/up projection at 16 samples
+    assert rows is not None and len(rows) == (1 << 33) // (4096 * 2048)
+    assert bool((rows[1:] > rows[:-1]).all()) and int(rows[-1]) < 22016
+    assert torch.equal(rows, loss_rows(22016, 4096, 2048))  # seeded: the same rows every run
+
+
+def test_search_on_sampled_rows_still_finds_the_salient_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forced to sample (a tiny budget), the search measures its loss on the sampled rows only —
+    the loss it reports is the direct output error of those rows — and still protects the channels."""
+    from awqc.passes import awq_scale
+    from awqc.passes.awq_scale import Consumer, ScalingGroup
+
+    monkeypatch.setattr(awq_scale, "SEARCH_MACS", 300 * 128 * 128)
+    x = _salient_activations()
+    w = torch.randn(1024, 128) * 0.05
+    scheme = QuantScheme(group_size=32)
+    group = ScalingGroup("norm.weight", "norm", (), np.arange(128), [Consumer("fc.weight", np.arange(128))])
+    res = search_group(group, {"fc.weight": w}, _Stats({"fc.weight": x}), scheme, lambda n: True)
+    rows = loss_rows(1024, 128, 128)
+    assert len(rows) == 300
+    ws = w[rows]
+    direct = ((x @ (fake_quantize(ws * res.scales, scheme) / res.scales - ws).T) ** 2).sum(1).mean()
+    assert res.loss == pytest.approx(float(direct), rel=1e-3)
+    assert res.alpha > 0 and res.loss < 0.7 * res.rtn_loss
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -73,7 +118,7 @@ def test_clip_error_by_group_blocks_equals_direct() -> None:
     x = _salient_activations(k=64)
     w = torch.randn(8, 64)
     scheme = QuantScheme(group_size=32)
-    err = group_errors(w, diagonal_blocks(x.T @ x / x.shape[0], 32), scheme, 0.8)
+    err = group_errors(w, diagonal_blocks(SecondMoment(gram=x.T @ x / x.shape[0]), 32), scheme, 0.8)
     e = (fake_quantize(w, scheme, torch.full((8, 2), 0.8)) - w).reshape(8, 2, 32)
     direct = torch.stack([((x[:, 32 * g:32 * g + 32] @ e[:, g].T) ** 2).mean(0) for g in range(2)], 1)
     torch.testing.assert_close(err, direct, rtol=1e-4, atol=1e-6)
@@ -84,7 +129,7 @@ def test_clip_search_never_worse_and_keeps_frozen_rows() -> None:
     x = _salient_activations(k=64)
     w = torch.randn(16, 64)
     w[0, 5] = 12.0  # an outlier weight: shrinking that group's range pays off
-    gram = x.T @ x / x.shape[0]
+    gram = SecondMoment(gram=x.T @ x / x.shape[0])
     scheme = QuantScheme(group_size=32)
     frozen = np.zeros(16, bool)
     frozen[8:] = True

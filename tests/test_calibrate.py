@@ -64,24 +64,44 @@ def test_gram_subsampling(tiny_ckpt: Path) -> None:
     for s in stats:
         assert (s.n_tokens, s.n_gram_tokens) == (3 * 48, 3 * 16)
         xs = acts[s.consumers[0]][rows]
+        assert s.moment.rows is not None  # 48 tokens, fewer than the 64 or 96 features: kept as rows
         torch.testing.assert_close(s.gram, xs.T @ xs / xs.shape[0], rtol=1e-4, atol=1e-5)
+
+
+def test_gram_rows_turn_into_the_gram_past_the_width(tiny_ckpt: Path) -> None:
+    """Two batches of samples: the first's rows fit under the width and are kept, the second's
+    do not, and the Gram is then the sum over both."""
+    samples = [list(np.random.RandomState(10 + i).randint(3, 300, size=48)) for i in range(12)]
+    model = load_model(str(tiny_ckpt))
+    cal = BlockCalibrator(model, samples, gram_tokens=6)  # 8 × 6 = 48 rows, then 12 × 6 = 72
+    stats = cal.block(0, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)})
+    acts = _hf_linear_inputs(tiny_ckpt, samples)
+    rows = torch.cat([r + 48 * b for b, r in enumerate(cal._rows)])
+    for s in stats:
+        k = s.abs_mean.shape[0]
+        assert (s.moment.rows is not None) == (72 <= k)
+        xs = acts[s.consumers[0]][rows]
+        torch.testing.assert_close(s.gram, xs.T @ xs / 72, rtol=1e-4, atol=1e-5)
 
 
 CALIB_TEXT = " ".join(["compilers turn programs into machine code and the quick brown fox jumps"] * 30)
 
 
-def test_statistics_cache_round_trip(tiny_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("gram_tokens", [8, None])  # 32 tokens: held as rows; 128: as the Gram
+def test_statistics_cache_round_trip(tiny_ckpt: Path, tmp_path: Path, gram_tokens: int | None) -> None:
     model = load_model(str(tiny_ckpt))
     (tmp_path / "calib.txt").write_text(CALIB_TEXT)
-    settings = CalibrationSettings(tmp_path / "calib.txt", n_samples=4, seq_len=32, gram_tokens=8,
+    settings = CalibrationSettings(tmp_path / "calib.txt", n_samples=4, seq_len=32, gram_tokens=gram_tokens,
                                    cache=tmp_path / "stats.safetensors")
     first = calibration_stats(model, settings, progress=False)
     assert settings.cache.is_file() and not list(tmp_path.glob(".stats*"))
     again = calibration_stats(model, settings, progress=False)  # read back, not recomputed
     assert again.seconds == {}
     for s in first.inputs:
-        torch.testing.assert_close(again.of(s.consumers[0]).gram, s.gram)
-        assert again.of(s.consumers[0]).n_gram_tokens == s.n_gram_tokens == 4 * 8
+        read = again.of(s.consumers[0])
+        torch.testing.assert_close(read.gram, s.gram)
+        assert (read.moment.rows is None) == (s.moment.rows is None) == (gram_tokens is None)
+        assert read.n_gram_tokens == s.n_gram_tokens == 4 * (gram_tokens or 32)
 
 
 def test_statistics_cache_of_other_settings_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
