@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 
+from awqc.compiler.calibrate import CalibrationSettings
 from awqc.compiler.evaluate import QualityRun, QualitySettings, format_table
 from awqc.compiler.model_import import load_model
 from awqc.passes.quantizer import QuantScheme
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = load_model(args.model)
     t_load = time.perf_counter() - t0
-    settings = QualitySettings(None, args.windows, args.window_len, None, args.calib_samples, args.calib_seq_len,
-                               args.gram_tokens or None, args.calib_stats)
+    calibration = CalibrationSettings(None, args.calib_samples, args.calib_seq_len, args.gram_tokens or None,
+                                      args.calib_stats)
+    settings = QualitySettings(None, args.windows, args.window_len, calibration)
     run = QualityRun(model, settings)
     rows = run.compare(["float", "rtn", "awq-scale", "awq"], [QuantScheme(group_size=g) for g in args.group_sizes])
     for r in rows:

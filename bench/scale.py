@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the checkpoints and artifacts")
     args = p.parse_args()
     awqc = [sys.executable, "-m", "awqc.compiler.cli"]
-    rows = []
+    rows, notes = [], []
     for shape in args.shapes:
         ckpt = args.workdir / shape
         if not (ckpt / "config.json").is_file():
@@ -54,8 +54,9 @@ def main() -> None:
             art = args.workdir / f"{shape}-{quant}"
             shutil.rmtree(art, ignore_errors=True)
             extra = ["--calib-samples", str(args.calib_samples)] if quant.startswith("awq") else []
-            wall, rss, _ = timed([*awqc, "compile", "--model", str(ckpt), "--quant", quant, "--quantize-head",
-                                  "-o", str(art), *extra])
+            wall, rss, compile_err = timed([*awqc, "compile", "--model", str(ckpt), "--quant", quant,
+                                            "--quantize-head", "-o", str(art), *extra])
+            notes += [f"{shape} {quant}: {line}" for line in compile_err.splitlines() if line.startswith("awq:")]
             run_wall, run_rss, err = timed([*awqc, "run", str(art), "--prompt", "The compiler", "--max-new-tokens",
                                             "32", "--verify"])
             tok_s = float(re.search(r"([\d.]+) tok/s", err).group(1))
@@ -69,6 +70,8 @@ def main() -> None:
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    for n in notes:  # where AWQ's time went, with the per-sample figure that projects --calib-samples 128
+        print(f"\n{n}")
 
 
 if __name__ == "__main__":

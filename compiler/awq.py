@@ -130,6 +130,7 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
     tied_head = quant.quantize_head and cfg.tie_word_embeddings
     head_searched = quant.quantize_head and not cfg.tie_word_embeddings
     calibration = groups = qk_rows = None
+    searched: dict[str, float] = {}
     if quant.method == "awq":
         groups = find_scaling_groups(func, param_names)
         qk_rows = attention_qk_rows(func, param_names)
@@ -145,18 +146,32 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
                 part = quantize_weights(weights, targets, scheme, {})
             else:
                 stats = calibration.head(weights["norm.weight"]) if key == "head" else calibration.block(key, weights)
-                part = awq_block(weights, targets, [g for g in groups if g.producer in weights], qk_rows, stats,
-                                 scheme).weights
-                del stats
+                result = awq_block(weights, targets, [g for g in groups if g.producer in weights], qk_rows, stats,
+                                   scheme, progress=False)
+                for phase, sec in result.seconds.items():
+                    searched[phase] = searched.get(phase, 0.0) + sec
+                part = result.weights
+                del stats, result
             del weights  # before the next block is read: one block alive at a time
             yield part
             del part
         if calibration is not None:
             calibration.finish()
+            if progress:
+                print(_awq_times(calibration, searched), file=sys.stderr)
     except BaseException:
         if calibration is not None:
             calibration.abandon()
         raise
+
+
+def _awq_times(calibration: Any, searched: dict[str, float]) -> str:
+    """Where an AWQ compile's time went; the per-sample figure projects other --calib-samples."""
+    forward = calibration.seconds.get("forward")
+    calib = ("calibration read from the cache" if forward is None else
+             f"calibration {forward:.0f} s ({forward / calibration.n_samples:.2f} s per sample)")
+    return (f"awq: {calib}, scale search {searched.get('scale', 0):.0f} s, clip search {searched.get('clip', 0):.0f} s, "
+            f"quantize {searched.get('quantize', 0):.0f} s")
 
 
 def rtn(model: ImportedModel, scheme: QuantScheme, quantize_head: bool = False) -> QuantizedWeights:

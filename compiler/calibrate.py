@@ -160,10 +160,10 @@ class _Accumulator:
     the Gram in float32 via addmm (per-batch sums of a few thousand tokens are exact enough, and
     float64 would double the time)."""
 
-    def __init__(self, consumers: tuple[str, ...], features: int):
+    def __init__(self, consumers: tuple[str, ...], features: int, device: torch.device = torch.device("cpu")):
         self.consumers = consumers
-        self.features = features
-        self.abs_sum = torch.zeros(features, dtype=torch.float64)
+        self.features, self.device = features, device
+        self.abs_sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.rows: list[torch.Tensor] | None = []
         self.gram: torch.Tensor | None = None
         self.n = 0
@@ -186,7 +186,7 @@ class _Accumulator:
             self.rows.append(xs.clone())  # x is the block's buffer, overwritten by its output
             return
         if self.gram is None:
-            self.gram = torch.zeros(self.features, self.features, dtype=torch.float32)
+            self.gram = torch.zeros(self.features, self.features, dtype=torch.float32, device=self.device)
             for r in self.rows:
                 torch.addmm(self.gram, r.T, r, out=self.gram)
             self.rows = None
@@ -195,10 +195,10 @@ class _Accumulator:
     def result(self) -> InputStats:
         n = max(self.n_gram, 1)
         if self.gram is not None:
-            moment = SecondMoment(gram=self.gram / n)
+            moment = SecondMoment(gram=(self.gram / n).cpu())
         else:
-            moment = SecondMoment(rows=torch.cat(self.rows) / math.sqrt(n))
-        return InputStats(self.consumers, (self.abs_sum / max(self.n, 1)).float(), moment, self.n, self.n_gram)
+            moment = SecondMoment(rows=(torch.cat(self.rows) / math.sqrt(n)).cpu())
+        return InputStats(self.consumers, (self.abs_sum / max(self.n, 1)).float().cpu(), moment, self.n, self.n_gram)
 
 
 class BlockCalibrator:
@@ -206,7 +206,7 @@ class BlockCalibrator:
     time; each step returns the statistics of that block's linear inputs."""
 
     def __init__(self, model: ImportedModel, samples: Sequence[Sequence[int]],
-                 gram_tokens: int | None = DEFAULT_GRAM_TOKENS, seed: int = 0):
+                 gram_tokens: int | None = DEFAULT_GRAM_TOKENS, seed: int = 0, device: str = "cpu"):
         if not samples:
             raise CalibrationError("no calibration samples")
         if len({len(s) for s in samples}) != 1:
@@ -219,8 +219,12 @@ class BlockCalibrator:
                                    f"{self.cfg.vocab_size}; the tokenizer does not belong to this model")
         self.hidden = torch.from_numpy(model.weights["embed_tokens.weight"][ids])  # [samples, tokens, hidden]
         n, t = ids.shape
+        # The hidden states stay in host memory; each batch visits the device (a 7B model's
+        # 128 samples are 1 GiB of them).
+        self.device = torch.device(device)
         with torch.no_grad():
-            self._rope = rotary_cls(self._hf)(self.hidden[:1], torch.arange(t)[None])
+            rope = rotary_cls(self._hf)(self.hidden[:1], torch.arange(t)[None])
+        self._rope = tuple(r.to(self.device) for r in rope)
         gen = torch.Generator().manual_seed(seed)
         self._rows = None
         if gram_tokens is not None and gram_tokens < t:
@@ -239,7 +243,7 @@ class BlockCalibrator:
             rows = None
             if self._rows is not None:
                 rows = torch.cat([r + b * t for b, r in enumerate(self._rows[start:start + _BATCH])])
-            yield start, self.hidden[start:start + _BATCH], rows
+            yield start, self.hidden[start:start + _BATCH], None if rows is None else rows.to(self.device)
 
     def block(self, i: int, weights: Mapping[str, torch.Tensor]) -> list[InputStats]:
         """Run block i (its float weights, awqc names) on the hidden states, replacing them with
@@ -248,10 +252,10 @@ class BlockCalibrator:
         with torch.device("meta"):
             layer = self._layer_cls(self._hf, i)
         layer.load_state_dict(_unfused(self.cfg, weights, prefix), assign=True, strict=True)
-        layer.eval()
+        layer.eval().to(self.device)
         accs, hooks, current = [], [], {}
         for module, weight in _TAPS.items():
-            acc = _Accumulator((prefix + weight,), weights[prefix + weight].shape[1])
+            acc = _Accumulator((prefix + weight,), weights[prefix + weight].shape[1], self.device)
             accs.append(acc)
             hooks.append(layer.get_submodule(module).register_forward_pre_hook(
                 lambda _m, args, acc=acc: acc.add(args[0], current["rows"], current["start"])))
@@ -260,7 +264,7 @@ class BlockCalibrator:
             with torch.no_grad():
                 for start, x, rows in self._batches():
                     current.update(start=start, rows=rows)
-                    out = layer(x, attention_mask=None, position_embeddings=self._rope)
+                    out = layer(x.to(self.device), attention_mask=None, position_embeddings=self._rope)
                     x.copy_(out[0] if isinstance(out, tuple) else out)
         finally:
             for h in hooks:
@@ -273,10 +277,11 @@ class BlockCalibrator:
         with torch.device("meta"):
             norm = self._norm_cls(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps)
         norm.load_state_dict({"weight": norm_weight}, assign=True)
-        acc = _Accumulator((HEAD,), self.cfg.hidden_size)
+        norm.to(self.device)
+        acc = _Accumulator((HEAD,), self.cfg.hidden_size, self.device)
         with torch.no_grad():
             for start, x, rows in self._batches():
-                acc.add(norm(x), rows, start)
+                acc.add(norm(x.to(self.device)), rows, start)
         return [acc.result()]
 
 
@@ -288,6 +293,25 @@ class CalibrationSettings:
     seq_len: int = DEFAULT_SEQ_LEN
     gram_tokens: int | None = DEFAULT_GRAM_TOKENS
     cache: Path | None = None  # statistics cache: read if it exists, else written
+    device: str = "cpu"  # where the block forward runs (torch device: cpu, cuda, cuda:1)
+
+
+def check_calib_device(device: str) -> None:
+    """A device the calibration forward can run on here, else an error that says what to do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CalibrationError(f"--calib-device {device!r} is not a device; use cpu or cuda[:N]") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise CalibrationError(f"--calib-device {device}: calibration runs on cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise CalibrationError(f"--calib-device {device}: this torch ({torch.__version__}) has no usable CUDA device; "
+                               "install a CUDA build of torch on a machine with an NVIDIA GPU, or calibrate on the "
+                               "CPU (drop --calib-device)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CalibrationError(f"--calib-device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def _tapped(cfg: ModelConfig, head: bool) -> list[tuple[str, int]]:
@@ -337,7 +361,7 @@ class Calibration:
         if cache is not None and cache.is_file():
             self._reader = _open_cache(cache, self.key, self._taps)
         else:
-            self._calibrator = BlockCalibrator(model, samples, settings.gram_tokens)
+            self._calibrator = BlockCalibrator(model, samples, settings.gram_tokens, device=settings.device)
             if cache is not None:
                 self._start_cache(cache)
         self.n_samples, self.seq_len = len(samples), len(samples[0])
@@ -360,9 +384,13 @@ class Calibration:
             return self._stats([self._reader(HEAD)])
         return self._stats(self._store(self._calibrator.head(norm_weight)))
 
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Wall time of the calibration forward so far ({} when read from the cache)."""
+        return dict(self._calibrator.seconds) if self._calibrator else {}
+
     def _stats(self, inputs: list[InputStats]) -> CalibrationStats:
-        seconds = dict(self._calibrator.seconds) if self._calibrator else {}
-        return CalibrationStats(inputs, self.n_samples, self.seq_len, seconds)
+        return CalibrationStats(inputs, self.n_samples, self.seq_len, self.seconds)
 
     def _store(self, inputs: list[InputStats]) -> list[InputStats]:
         if self._writer is not None:

@@ -56,6 +56,9 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per sample for the input Gram matrices (default 128; 0: all)")
     p.add_argument("--calib-stats", type=Path, default=None,
                    help="calibration statistics cache: read if it exists, else written")
+    p.add_argument("--calib-device", default="cpu",
+                   help="where the calibration forward runs: cpu (default) or cuda[:N] (needs a CUDA build of "
+                        "torch; the scale and clip searches stay on the CPU)")
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +84,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from .build import QuantConfig, check_int8_activations, compile_artifact
-    from .calibrate import CalibrationSettings
     from .model_import import load_model, model_path
     from .output import check_output
     from .targets import get_target
@@ -103,9 +105,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     window = context_window(args.context_window, model.config.max_position_embeddings)
     quant = None
     if scheme is not None:
-        calibration = CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len,
-                                          args.gram_tokens or None, args.calib_stats)
-        quant = QuantConfig(scheme, method, args.quantize_head, calibration)
+        quant = QuantConfig(scheme, method, args.quantize_head, calibration_settings(args))
     compile_artifact(args.output, model, spec, args.dtype, window, quant, force=args.force)
     print(f"wrote {args.output} (target {spec.name}, {args.dtype}) in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -113,10 +113,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def check_calibration_args(args: argparse.Namespace) -> None:
     """Ranges of the calibration options, checked before any work."""
+    from .calibrate import check_calib_device
+
     if args.calib_samples < 1 or args.calib_seq_len < 2 or args.gram_tokens < 0:
         raise ValueError("--calib-samples must be >= 1, --calib-seq-len >= 2 and --gram-tokens >= 0 (0: all)")
     if args.calib_text is not None and not args.calib_text.is_file():
         raise ValueError(f"--calib-text {args.calib_text} is not a file")
+    check_calib_device(args.calib_device)
+
+
+def calibration_settings(args: argparse.Namespace):
+    from .calibrate import CalibrationSettings
+
+    return CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len, args.gram_tokens or None,
+                               args.calib_stats, args.calib_device)
 
 
 QUANT_METHODS = ("rtn", "awq")
@@ -223,12 +233,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
 
     scheme = QuantScheme.parse(args.quant)
+    check_calibration_args(args)
     if scheme.act_bits != 16:  # this path scores dequantized weights in the float library
         raise ValueError(f"--quant {scheme.name} rounds activations in its kernels, which the float library does "
                          f"not; compile it (awqc compile --quant rtn-{scheme.name}) and evaluate the artifact")
     model = _load_eval_model(args.model)
-    settings = QualitySettings(args.text, n_windows, args.window_len, args.calib_text, args.calib_samples,
-                               args.calib_seq_len, args.gram_tokens or None, args.calib_stats, args.quantize_head,
+    settings = QualitySettings(args.text, n_windows, args.window_len, calibration_settings(args), args.quantize_head,
                                not args.quiet)
     run = QualityRun(model, settings)
     if args.compare:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .calibrate import CalibrationSettings
 from .text_data import default_eval_text, read_text, token_windows, tokenize
 
 DEFAULT_WINDOWS = 40
@@ -130,11 +131,7 @@ class QualitySettings:
     text: str | Path | None = None  # evaluation text file (default: the Python tutorial/FAQ/HOWTOs)
     n_windows: int | None = DEFAULT_WINDOWS
     window_len: int = DEFAULT_WINDOW_LEN
-    calib_text: str | Path | None = None  # calibration text file (default: the Python library reference)
-    calib_samples: int = 128
-    calib_seq_len: int = 512
-    gram_tokens: int | None = 128
-    calib_stats: str | Path | None = None  # cache: loaded if the file exists, else written
+    calibration: CalibrationSettings = CalibrationSettings()
     quantize_head: bool = False
     progress: bool = True
 
@@ -152,14 +149,12 @@ class QualityRun:
         self._awq: dict[Any, Any] = {}
 
     def stats(self):
-        from .calibrate import CalibrationSettings, calibration_stats
+        from .calibrate import calibration_stats
 
         if self._stats is None:
             t0 = time.perf_counter()
             s = self.s
-            cache = None if s.calib_stats is None else Path(s.calib_stats)
-            settings = CalibrationSettings(s.calib_text, s.calib_samples, s.calib_seq_len, s.gram_tokens, cache)
-            self._stats = calibration_stats(self.model, settings, s.quantize_head, s.progress)
+            self._stats = calibration_stats(self.model, s.calibration, s.quantize_head, s.progress)
             self.calib_seconds = time.perf_counter() - t0
         return self._stats
 

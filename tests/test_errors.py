@@ -161,3 +161,24 @@ def test_unexpected_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: p
 def test_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "no usable CUDA device"),  # this machine's torch is a CPU build
+    ("cuda:1", "no usable CUDA device"),
+    ("mps", "calibration runs on cpu or cuda"),
+    ("not a device", "is not a device")])
+def test_calibration_device_refused_before_any_work(tmp_path: Path, tiny_ckpt: Path, device: str, message: str,
+                                                    capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    out = tmp_path / "art"
+    assert main(["compile", "--model", str(tiny_ckpt), "--quant", "awq-w4g32", "--calib-device", device,
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert main(["eval", "--model", str(tiny_ckpt), "--method", "awq", "--calib-device", device]) == 2
+    assert message in capsys.readouterr().err
