@@ -23,6 +23,7 @@ import tvm
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
 from awqc.passes.quantizer import QuantizationError, QuantizedWeights, QuantScheme
 from awqc.runtime.artifact import FORMAT, LIBRARY, TOKENIZER_DIR, WEIGHTS, hash_tree, write_manifest
+from awqc.runtime.sampling import generation_defaults
 from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
 from .calibrate import CalibrationSettings
@@ -220,6 +221,8 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
             "prefill_chunk": min(context_window, 512),
             "params": param_names,
             "tokenizer": tokenizer,
+            # a Hugging Face directory's generation_config.json; a GGUF has none
+            "generation": generation_defaults(Path(model.source) if Path(model.source).is_dir() else None),
             "files": hash_tree(tmp),
         }
         write_manifest(tmp, manifest)

@@ -47,6 +47,34 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compile)
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=None, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="keep the smallest set with this much mass (1: off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this fraction of the most likely one (0: off)")
+    p.add_argument("--repeat-penalty", type=float, default=None, help="penalize recent tokens (1: off)")
+    p.add_argument("--repeat-last-n", type=int, default=None,
+                   help="tokens the penalty looks back on (default 64; -1: all)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="end the reply before this text (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace, defaults: dict):
+    from awqc.runtime.sampling import SamplingParams
+
+    return SamplingParams.with_defaults(defaults, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                        min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                        repeat_last_n=args.repeat_last_n, seed=args.seed)
+
+
+def describe_sampling(p, source: str) -> str:
+    if p.temperature == 0:
+        return "greedy" + (f", repeat penalty {p.repeat_penalty:g}" if p.repeat_penalty != 1 else "")
+    return (f"temperature {p.temperature:g}, top-k {p.top_k}, top-p {p.top_p:g}, min-p {p.min_p:g}, "
+            f"repeat penalty {p.repeat_penalty:g} (defaults: {source})")
+
+
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-text", type=Path, default=None,
                    help="calibration text file for AWQ (default: the Python library reference)")
@@ -65,16 +93,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="generate text with a compiled artifact",
         description="Load an artifact (verifying the sha256 of every file) and stream generated text "
-                    "to stdout. Greedy by default; --temperature/--top-p/--seed sample.",
+                    "to stdout. Sampling defaults are the artifact's: the checkpoint's generation_config.json "
+                    "when it had one, else llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05); "
+                    "each option below overrides one, and --temperature 0 is exact greedy.",
         epilog='example: awqc run dist/smollm2-f32 --prompt "Write a haiku about compilers." --chat',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", type=Path, help="artifact directory written by `awqc compile`")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    _add_sampling_args(p)
     p.add_argument("--device", default=None, help="TVM device, e.g. cpu or cuda:0 (default: the artifact's)")
     p.add_argument("--verify", action="store_true",
                    help="hash every artifact file now (by default a file verified before is hashed again "
@@ -159,20 +187,21 @@ def parse_quant(text: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from awqc.runtime.engine import Engine
-    from awqc.runtime.sampling import SamplingParams
 
     try:  # a prompt from a terminal in another encoding arrives with surrogate escapes
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("--prompt is not valid UTF-8 text; pass it in UTF-8") from None
-    sampling = SamplingParams(args.temperature, args.top_p, args.seed)
+    sampling_params(args, {})  # option ranges, before loading anything
     engine = Engine(args.artifact, args.device, verify=args.verify)
+    sampling = sampling_params(args, engine.generation)
     ids = engine.encode_chat(args.prompt) if args.chat else engine.encode(args.prompt)
     t0 = time.time()
-    out = engine.stream_text(ids, args.max_new_tokens, sampling, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    out = engine.stream_text(ids, args.max_new_tokens, sampling, lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+                             args.stop)
     dt = time.time() - t0
-    print(f"\n[{len(ids)} prompt tokens, {len(out)} new tokens, {len(out) / max(dt, 1e-9):.1f} tok/s]",
-          file=sys.stderr)
+    print(f"\n[{len(ids)} prompt tokens, {len(out)} new tokens, {len(out) / max(dt, 1e-9):.1f} tok/s; "
+          f"{describe_sampling(sampling, engine.generation['source'])}]", file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,7 @@ gets this package and an artifact and nothing of the compiler.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tvm
@@ -16,7 +16,7 @@ from tvm.runtime.vm import VirtualMachine
 from .artifact import (LIBRARY, MANIFEST, ArtifactError, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device,
                        drop_pages, load_safetensors, read_manifest)
 from .chat_template import render_chat
-from .sampling import Sampler, SamplingParams
+from .sampling import LLAMA_CPP_DEFAULTS, Sampler, SamplingParams
 from .verified import verify_artifact
 
 _PAGE_SIZE = 16
@@ -43,6 +43,8 @@ class Engine:
         self.context_window = int(self.manifest["context_window"])
         self.prefill_chunk = int(self.manifest["prefill_chunk"])
         self.eos_token_ids = set(self.manifest["tokenizer"]["eos_token_ids"])
+        # sampling defaults recorded at compile time (older artifacts: llama.cpp's)
+        self.generation = self.manifest.get("generation") or {**LLAMA_CPP_DEFAULTS, "source": "llama.cpp defaults"}
         try:
             self.vm = VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), self.device)
         except Exception as err:  # noqa: BLE001  (TVM raises its own error types for a bad library)
@@ -136,27 +138,40 @@ class Engine:
         """Yield new tokens until EOS, max_new_tokens, or the context window is full."""
         self.reset()
         sampler = Sampler(sampling)
+        history = list(prompt_ids)  # what the repetition penalty looks back on
         logits = self.prefill(prompt_ids)
         for _ in range(max_new_tokens):
-            token = sampler(logits)
+            token = sampler(logits, history)
             if token in self.eos_token_ids:
                 return
             yield token
+            history.append(token)
             if self.length >= self.context_window:
                 return
             logits = self.decode(token)
 
     def stream_text(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
-                    write: Callable[[str], object]) -> list[int]:
-        """Generate and write text as it forms (whole characters only); the new token ids."""
+                    write: Callable[[str], object], stop: Sequence[str] = ()) -> list[int]:
+        """Generate and write text as it forms (whole characters only), ending before the first
+        stop string; the new token ids (through the one that completed a stop string)."""
         out: list[int] = []
         shown = ""
+        hold = max((len(s) for s in stop), default=1) - 1  # characters that may start a stop string
         for token in self.generate(prompt_ids, max_new_tokens, sampling):
             out.append(token)
             text = self.decode_text(out)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                write(text[len(shown):])
-                shown = text
+            hit = min((i for i in (text.find(s, max(len(shown) - len(s), 0)) for s in stop) if i >= 0), default=-1)
+            if hit >= 0:
+                write(text[len(shown):hit])
+                return out
+            if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                continue
+            ready = len(text) - hold if stop else len(text)
+            if ready > len(shown):
+                write(text[len(shown):ready])
+                shown = text[:ready]
+        text = self.decode_text(out)
+        write(text[len(shown):])
         return out
 
 

@@ -41,6 +41,8 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
                 fail(f"{where}{key!r} has the wrong type ({type(value).__name__})")
 
     check_keys(manifest, _TOP, "")
+    if "generation" in manifest:  # sampling defaults (artifacts before it have none)
+        _check_generation(manifest["generation"], fail)
     check_keys(manifest["target"], _TARGET, "target.")
     check_keys(manifest["tokenizer"], _TOKENIZER, "tokenizer.")
     if manifest["quantization"] is not None:
@@ -61,6 +63,20 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
             fail(f"file entry {rel!r} is not a relative path inside the artifact")
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
             fail(f"file entry {rel!r} has no sha256")
+
+
+def _check_generation(gen: Any, fail) -> None:
+    from .sampling import LLAMA_CPP_DEFAULTS, SamplingParams
+
+    if not isinstance(gen, dict) or not isinstance(gen.get("source"), str):
+        fail("generation is not an object with a source")
+    values = {k: gen.get(k) for k in LLAMA_CPP_DEFAULTS}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
+        fail("generation holds a missing or non-numeric sampling default")
+    try:
+        SamplingParams(**{**values, "top_k": int(values["top_k"])})
+    except ValueError as err:
+        fail(f"generation: {err}")
 
 
 def _is_plain_relative(rel: str) -> bool:

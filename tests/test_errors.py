@@ -182,3 +182,24 @@ def test_calibration_device_refused_before_any_work(tmp_path: Path, tiny_ckpt: P
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert main(["eval", "--model", str(tiny_ckpt), "--method", "awq", "--calib-device", device]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("generation, message", [
+    ("greedy", "generation is not an object"),
+    ({"source": "x", "temperature": -1.0, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0},
+     "temperature must be >= 0"),
+    ({"source": "x", "temperature": 0.7, "top_k": "40", "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0},
+     "non-numeric"),
+    ({"source": "x", "temperature": 0.7, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0}, "non-numeric")])
+def test_bad_sampling_defaults_in_a_resealed_manifest(tmp_path: Path, tiny_artifact: Path, generation,
+                                                      message: str) -> None:
+    import json
+
+    from awqc.runtime.artifact import write_manifest
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    write_manifest(art, {**manifest, "generation": generation})
+    with pytest.raises(ArtifactError, match=message):
+        Engine(art)

@@ -90,13 +90,6 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     assert abs(draws[0] - 0.64 / 0.88) < 0.02
 
 
-def test_bad_sampling_params() -> None:
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        SamplingParams(temperature=-1)
-    with pytest.raises(ValueError, match="top_p must be in"):
-        SamplingParams(top_p=0)
-
-
 def test_chat_template_matches_transformers(tiny_artifact: Path, tiny_ckpt: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -107,12 +100,41 @@ def test_chat_template_matches_transformers(tiny_artifact: Path, tiny_ckpt: Path
 
 
 def test_cli_run_streams_text(tiny_artifact: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["run", str(tiny_artifact), "--prompt", "the quick", "--max-new-tokens", "8"]) == 0
+    assert main(["run", str(tiny_artifact), "--prompt", "the quick", "--max-new-tokens", "8", "--temperature", "0"]) == 0
     out = capsys.readouterr()
     engine = Engine(tiny_artifact)
     expected = engine.decode_text(list(engine.generate(engine.encode("the quick"), 8)))
     assert out.out.strip() == expected.strip()
-    assert "new tokens" in out.err
+    assert "new tokens" in out.err and "greedy" in out.err
+
+
+def test_cli_run_samples_with_the_artifacts_defaults(tiny_artifact: Path, capsys: pytest.CaptureFixture) -> None:
+    """No sampling option: the defaults recorded in the manifest — here from the checkpoint's
+    generation_config.json, which sets no sampling value, so transformers' own defaults —
+    seeded the same way as the engine's own generate()."""
+    engine = Engine(tiny_artifact)
+    assert engine.manifest["generation"] == {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                                             "repeat_penalty": 1.0, "source": "generation_config.json"}
+    assert main(["run", str(tiny_artifact), "--prompt", "the quick", "--max-new-tokens", "12", "--seed", "5"]) == 0
+    out = capsys.readouterr()
+    params = SamplingParams.with_defaults(engine.generation, seed=5)
+    expected = engine.decode_text(list(engine.generate(engine.encode("the quick"), 12, params)))
+    assert out.out.strip() == expected.strip()
+    assert "temperature 1, top-k 50, top-p 1, min-p 0" in out.err and "generation_config.json" in out.err
+
+
+def test_stop_string_ends_the_reply_before_it(tiny_artifact: Path) -> None:
+    engine = Engine(tiny_artifact)
+    ids = engine.encode("the quick")
+    full = engine.decode_text(list(engine.generate(ids, 16)))
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    written: list[str] = []
+    tokens = engine.stream_text(ids, 16, SamplingParams(), written.append, stop=[stop, "never appears"])
+    assert "".join(written) == full[:full.find(stop)]
+    assert len(tokens) < 16
+    written.clear()
+    engine.stream_text(ids, 16, SamplingParams(), written.append)
+    assert "".join(written) == full
 
 
 def test_help_texts_have_examples(capsys: pytest.CaptureFixture) -> None:
