@@ -205,6 +205,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat", help="talk to a compiled artifact in the terminal, turn after turn",
+        description="A multi-turn chat: the conversation is rendered with the model's chat template each "
+                    "turn and only the new tokens are prefilled (the KV cache keeps the earlier turns). "
+                    "/reset forgets the conversation, /stats shows the last reply's prefill and decode "
+                    "speed, /exit or Ctrl-D quits; Ctrl-C stops a reply. Sampling defaults as in `awqc run`.",
+        epilog="example: awqc chat dist/smollm2-awq --system 'You are terse.'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path, help="artifact directory written by `awqc compile`")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default: up to the context window)")
+    _add_sampling_args(p)
+    p.add_argument("--device", default=None, help="TVM device, e.g. cpu or cuda:0 (default: the artifact's)")
+    p.add_argument("--verify", action="store_true", help="hash every artifact file now")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from awqc.runtime.chat import ChatSession, chat_loop
+    from awqc.runtime.engine import Engine
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be positive")
+    sampling_params(args, {})  # option ranges, before loading anything
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    engine = Engine(args.artifact, args.device, verify=args.verify)
+    session = ChatSession(engine, sampling_params(args, engine.generation), args.system, args.max_new_tokens, args.stop)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    chat_loop(session, input, write)
+    return 0
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="perplexity of a model or artifact on a text; float / RTN / AWQ side by side",
@@ -419,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compile(sub)
     _add_run(sub)
+    _add_chat(sub)
     _add_eval(sub)
     _add_tune(sub)
     _add_deploy(sub)

@@ -5,6 +5,7 @@ gets this package and an artifact and nothing of the compiler.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -66,8 +67,10 @@ class Engine:
         self.kv = self.vm["create_tir_paged_kv_cache"](
             ShapeTuple([1]), ShapeTuple([self.context_window]), ShapeTuple([self.prefill_chunk]),
             ShapeTuple([_PAGE_SIZE]))
+        self._kv_popn = tvm.get_global_func("vm.builtin.kv_state_popn")
         self._kv_add(self.kv, 0)
-        self.length = 0  # tokens in the cache
+        self.tokens: list[int] = []  # the tokens in the cache, in order
+        self.timing = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}  # last generate
 
     # -- text --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -75,24 +78,52 @@ class Engine:
 
     def encode_chat(self, user_message: str) -> list[int]:
         """The prompt for one user turn, rendered with the tokenizer's chat template."""
+        return self.encode_messages([{"role": "user", "content": user_message}])
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation rendered with the tokenizer's chat template, ready for the assistant's turn."""
         info = self.manifest["tokenizer"]
         template = info["chat_template"]
         if not template:
             raise ValueError("this model's tokenizer has no chat template; run without --chat")
         # The template is someone else's code: render_chat runs it in jinja2's sandbox
-        text = render_chat(template, [{"role": "user", "content": user_message}], f"{self.root}/{MANIFEST}",
-                           add_generation_prompt=True, bos_token=info["bos_token"], eos_token=info["eos_token"])
+        text = render_chat(template, messages, f"{self.root}/{MANIFEST}", add_generation_prompt=True,
+                           bos_token=info["bos_token"], eos_token=info["eos_token"])
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- model steps ---------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Tokens in the cache."""
+        return len(self.tokens)
+
     def reset(self) -> None:
         """Forget the cached sequence."""
         self._kv_remove(self.kv, 0)
         self._kv_add(self.kv, 0)
-        self.length = 0
+        self.tokens = []
+
+    def rewind(self, n: int) -> None:
+        """Drop the last n tokens from the cache."""
+        if n:
+            self._kv_popn(self.kv, 0, n)
+            del self.tokens[len(self.tokens) - n:]
+
+    def prefill_reusing(self, ids: list[int]) -> tuple[np.ndarray, int]:
+        """prefill(ids) into a cache that may already hold a prefix of them (the earlier turns of a
+        chat): only the tokens after the common prefix are computed. (Logits of the last one, the
+        number of tokens computed.)"""
+        common = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # the last token runs again: its logits are needed
+        self.rewind(self.length - common)
+        return self.prefill(ids[common:]), len(ids) - common
 
     def _step(self, fn: str, ids: list[int]) -> np.ndarray:
         if self.length + len(ids) > self.context_window:
@@ -103,7 +134,7 @@ class Engine:
         data = tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.device)
         logits, self.kv = self.vm[fn](data, self.kv, self.params)
         self._kv_end(self.kv)
-        self.length += len(ids)
+        self.tokens += ids
         return logits.numpy()[0]
 
     def prefill(self, ids: list[int]) -> np.ndarray:
@@ -133,13 +164,19 @@ class Engine:
                 f"({self.length} already used); shorten it or recompile with a larger --context-window")
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams()) -> Iterator[int]:
-        """Yield new tokens until EOS, max_new_tokens, or the context window is full."""
-        self.reset()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                 reuse_cache: bool = False) -> Iterator[int]:
+        """Yield new tokens until EOS, max_new_tokens, or the context window is full. reuse_cache:
+        keep the cached prefix the prompt shares (a chat's earlier turns) instead of starting over.
+        Every yielded token is in the cache when the next one is drawn; `timing` covers this call."""
+        if not reuse_cache:
+            self.reset()
         sampler = Sampler(sampling)
         history = list(prompt_ids)  # what the repetition penalty looks back on
-        logits = self.prefill(prompt_ids)
+        t0 = time.perf_counter()
+        logits, computed = self.prefill_reusing(prompt_ids) if reuse_cache else (self.prefill(prompt_ids), len(prompt_ids))
+        self.timing = {"prefill_tokens": computed, "prefill_s": time.perf_counter() - t0, "decode_tokens": 0,
+                       "decode_s": 0.0}
         for _ in range(max_new_tokens):
             token = sampler(logits, history)
             if token in self.eos_token_ids:
@@ -148,16 +185,19 @@ class Engine:
             history.append(token)
             if self.length >= self.context_window:
                 return
+            t = time.perf_counter()
             logits = self.decode(token)
+            self.timing["decode_tokens"] += 1
+            self.timing["decode_s"] += time.perf_counter() - t
 
     def stream_text(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
-                    write: Callable[[str], object], stop: Sequence[str] = ()) -> list[int]:
+                    write: Callable[[str], object], stop: Sequence[str] = (), reuse_cache: bool = False) -> list[int]:
         """Generate and write text as it forms (whole characters only), ending before the first
         stop string; the new token ids (through the one that completed a stop string)."""
         out: list[int] = []
         shown = ""
         hold = max((len(s) for s in stop), default=1) - 1  # characters that may start a stop string
-        for token in self.generate(prompt_ids, max_new_tokens, sampling):
+        for token in self.generate(prompt_ids, max_new_tokens, sampling, reuse_cache):
             out.append(token)
             text = self.decode_text(out)
             hit = min((i for i in (text.find(s, max(len(shown) - len(s), 0)) for s in stop) if i >= 0), default=-1)
