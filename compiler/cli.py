@@ -3,6 +3,7 @@ runtime (no torch, no transformers)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -245,6 +246,48 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="prefill and decode speed, with llama-bench's tests and columns",
+        description="Speed of an artifact as llama-bench measures it: ppN = N prompt tokens into an empty "
+                    "cache in one call, tgN = N tokens decoded one by one from an empty cache; each after "
+                    "a warm-up run, repeated -r times; t/s is mean ± standard deviation. Lists take commas "
+                    "or repeats (-t 1,2 or -t 1 -t 2).",
+        epilog="example: awqc bench dist/smollm2-awq -p 512 -n 128 -t 1,2 -o json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path, help="artifact directory written by `awqc compile`")
+    p.add_argument("-p", "--n-prompt", type=_int_list, action="extend", default=None,
+                   help="prompt lengths to test (default 512; 0: none)")
+    p.add_argument("-n", "--n-gen", type=_int_list, action="extend", default=None,
+                   help="decode lengths to test (default 128; 0: none)")
+    p.add_argument("-t", "--threads", type=_int_list, action="extend", default=None,
+                   help=f"thread counts (default: {os.cpu_count()}, this machine's)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="repetitions of each test (default 5)")
+    p.add_argument("-o", "--output", choices=["md", "json", "csv"], default="md", help="output format (default md)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from awqc.runtime.bench import format_rows, run_bench
+    from awqc.runtime.engine import Engine
+
+    n_prompt, n_gen = args.n_prompt or [512], args.n_gen or [128]
+    threads = args.threads or [os.cpu_count() or 1]
+    if args.repetitions < 1 or min(threads) < 1 or min(n_prompt + n_gen) < 0:
+        raise ValueError("-r and -t must be >= 1, and -p/-n >= 0")
+    engine = Engine(args.artifact)
+    rows = run_bench(engine, n_prompt, n_gen, threads, args.repetitions)
+    print(format_rows(rows, args.output, args.artifact.name))
+    return 0
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="perplexity of a model or artifact on a text; float / RTN / AWQ side by side",
@@ -460,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_run(sub)
     _add_chat(sub)
+    _add_bench(sub)
     _add_eval(sub)
     _add_tune(sub)
     _add_deploy(sub)
