@@ -303,6 +303,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                "  awqc eval dist/smollm2-f32",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", nargs="?", type=Path, help="artifact directory to evaluate as it is")
+    p.add_argument("--kld", type=Path, default=None, metavar="BASE_ARTIFACT",
+                   help="also the KL divergence of ARTIFACT's next-token distributions from BASE_ARTIFACT's "
+                        "(the float one) and how often both rank the same token first")
     p.add_argument("--model", help="checkpoint directory, .gguf, 'default', or an AutoAWQ GEMM checkpoint")
     p.add_argument("--method", default="float", choices=["float", "rtn", "awq-scale", "awq"],
                    help="weights to evaluate with --model (default float; awq = scale + clip search)")
@@ -322,10 +325,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from awqc.passes.quantizer import QuantScheme
 
-    from .evaluate import QualityRun, QualitySettings, eval_windows, format_table, perplexity
+    from .evaluate import QualityRun, QualitySettings, eval_windows, format_table, kl_divergence, perplexity
 
     if (args.artifact is None) == (args.model is None):
         raise ValueError("give either an ARTIFACT directory or --model")
+    if args.kld is not None and args.artifact is None:
+        raise ValueError("--kld compares two compiled artifacts: give ARTIFACT (the quantized one) and --kld BASE")
     if args.windows < 0 or args.window_len < 2:
         raise ValueError("--windows must be >= 0 and --window-len >= 2")
     n_windows = args.windows or None
@@ -334,14 +339,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("an artifact is evaluated as it is; --compare and --method need --model")
         from awqc.runtime.engine import Engine
 
-        engine = Engine(args.artifact)
-        if engine.context_window < args.window_len:
-            raise ValueError(f"the artifact's context window ({engine.context_window}) is shorter than "
-                             f"--window-len {args.window_len}")
-        windows = eval_windows(engine, args.text, n_windows, args.window_len)
-        res = perplexity(engine, windows, progress=not args.quiet)
-        print(format_table([{"artifact": str(args.artifact), "perplexity": res.ppl, "windows": res.windows,
-                             "tokens": res.tokens, "seconds": res.seconds}]))
+        engines = [Engine(a) for a in [args.artifact] + ([args.kld] if args.kld else [])]
+        for art, engine in zip([args.artifact, args.kld], engines):
+            if engine.context_window < args.window_len:
+                raise ValueError(f"the context window of {art} ({engine.context_window}) is shorter than "
+                                 f"--window-len {args.window_len}")
+        if args.kld and engines[0].manifest["model"]["vocab_size"] != engines[1].manifest["model"]["vocab_size"]:
+            raise ValueError(f"{args.kld} has another vocabulary than {args.artifact}: not the same model")
+        windows = eval_windows(engines[0], args.text, n_windows, args.window_len)
+        if args.kld:
+            d = kl_divergence(engines[0], engines[1], windows, progress=not args.quiet)
+            print(format_table([{"artifact": str(args.artifact), "base": str(args.kld),
+                                 "perplexity": f"{d.ppl.ppl:.3f} ± {d.ppl.ppl_stderr:.3f}",
+                                 "base perplexity": f"{d.base_ppl.ppl:.3f} ± {d.base_ppl.ppl_stderr:.3f}",
+                                 "mean KLD": f"{d.kld_mean:.5f} ± {d.kld_stderr:.5f}", "median KLD": d.kld_median,
+                                 "99% KLD": d.kld_p99, "max KLD": d.kld_max,
+                                 "same top 1": f"{100 * d.same_top1:.2f}%", "tokens": d.tokens}]))
+            return 0
+        res = perplexity(engines[0], windows, progress=not args.quiet)
+        print(format_table([{"artifact": str(args.artifact), "perplexity": f"{res.ppl:.3f} ± {res.ppl_stderr:.3f}",
+                             "windows": res.windows, "tokens": res.tokens, "seconds": res.seconds}]))
         return 0
 
     scheme = QuantScheme.parse(args.quant)

@@ -33,6 +33,23 @@ class Perplexity:
     tokens: int  # predicted tokens (window_len - 1 per window)
     windows: int
     seconds: float
+    ppl_stderr: float = 0.0  # ppl × the standard error of the mean NLL (llama-perplexity's ±)
+
+
+@dataclasses.dataclass
+class Divergence:
+    """How far an artifact's next-token distributions are from a base (float) artifact's, over
+    the same windows, as llama-perplexity --kl-divergence reports it."""
+
+    kld_mean: float  # nats
+    kld_stderr: float
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    same_top1: float  # share of tokens where both put the same token first
+    tokens: int
+    ppl: Perplexity  # of the artifact
+    base_ppl: Perplexity
 
 
 def eval_windows(engine: Any, text: str | Path | None = None, n_windows: int | None = DEFAULT_WINDOWS,
@@ -54,16 +71,51 @@ def perplexity(engine: Any, windows: Sequence[Sequence[int]], progress: bool = T
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    nll, count = 0.0, 0
+    nlls = []
     for ids in tqdm(windows, desc=desc, unit="window", disable=not progress, file=sys.stderr):
-        logits = torch.from_numpy(engine.score(list(ids)))[:-1]
-        target = torch.tensor(ids[1:], dtype=torch.long)
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        nll -= float(logp.gather(1, target[:, None]).sum())
-        count += len(target)
+        nlls.append(_token_nll(_log_probs(engine, ids), ids))
     engine.reset()
-    mean = nll / max(count, 1)
-    return Perplexity(math.exp(mean), mean, count, len(windows), time.perf_counter() - t0)
+    return _perplexity(torch.cat(nlls) if nlls else torch.zeros(0), len(windows), time.perf_counter() - t0)
+
+
+def _log_probs(engine: Any, ids: Sequence[int]) -> torch.Tensor:
+    """log p(next token) at every position but the last, [len - 1, vocab] float64."""
+    return torch.log_softmax(torch.from_numpy(engine.score(list(ids)))[:-1].double(), dim=-1)
+
+
+def _token_nll(logp: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    return -logp.gather(1, torch.tensor(ids[1:], dtype=torch.long)[:, None])[:, 0]
+
+
+def _perplexity(nll: torch.Tensor, windows: int, seconds: float) -> Perplexity:
+    n = len(nll)
+    mean = float(nll.mean()) if n else 0.0
+    stderr = float(nll.std() / math.sqrt(n)) if n > 1 else 0.0
+    return Perplexity(math.exp(mean), mean, n, windows, seconds, math.exp(mean) * stderr)
+
+
+def kl_divergence(engine: Any, base: Any, windows: Sequence[Sequence[int]], progress: bool = True) -> Divergence:
+    """KL(base ‖ engine) of the next-token distributions at every predicted position, the
+    share of positions with the same top token, and both perplexities."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    klds, same, nll, base_nll = [], 0, [], []
+    for ids in tqdm(windows, desc="kld", unit="window", disable=not progress, file=sys.stderr):
+        logq, logp = _log_probs(engine, ids), _log_probs(base, ids)
+        klds.append((logp.exp() * (logp - logq)).sum(-1).clamp(min=0))  # clamp: rounding below 0
+        same += int((logq.argmax(-1) == logp.argmax(-1)).sum())
+        nll.append(_token_nll(logq, ids))
+        base_nll.append(_token_nll(logp, ids))
+    engine.reset()
+    base.reset()
+    kld = torch.cat(klds)
+    seconds = time.perf_counter() - t0
+    n = len(kld)
+    return Divergence(float(kld.mean()), float(kld.std() / math.sqrt(n)) if n > 1 else 0.0, float(kld.median()),
+                      float(torch.quantile(kld, 0.99)), float(kld.max()), same / n, n,
+                      _perplexity(torch.cat(nll), len(windows), seconds),
+                      _perplexity(torch.cat(base_nll), len(windows), seconds))
 
 
 def set_weights(engine: Any, weights: dict[str, Any]) -> None:

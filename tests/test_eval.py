@@ -85,3 +85,54 @@ def test_default_model_awq_closes_half_the_rtn_gap(capsys: pytest.CaptureFixture
            if line.startswith("| ") and "method" not in line}
     assert (ppl["rtn"] - ppl["awq"]) >= 0.5 * (ppl["rtn"] - ppl["float"])
     assert np.isfinite(list(ppl.values())).all()
+
+
+class _FixedLogits:
+    """An engine whose score() returns given logits (for checking the arithmetic alone)."""
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = logits
+
+    def score(self, ids: list[int]) -> np.ndarray:
+        return self.logits[:len(ids)]
+
+    def reset(self) -> None:
+        pass
+
+
+def test_kl_divergence_and_stderr_against_numpy() -> None:
+    from awqc.compiler.evaluate import kl_divergence
+
+    rng = np.random.default_rng(0)
+    base_logits = rng.standard_normal((40, 30)).astype(np.float32) * 2
+    quant_logits = base_logits + rng.standard_normal((40, 30)).astype(np.float32) * 0.5
+    windows = [list(rng.integers(0, 30, 40)), list(rng.integers(0, 30, 40))]
+    d = kl_divergence(_FixedLogits(quant_logits), _FixedLogits(base_logits), windows, progress=False)
+
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64)
+        return z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+
+    logp, logq = log_softmax(base_logits[:-1]), log_softmax(quant_logits[:-1])
+    kld = np.tile((np.exp(logp) * (logp - logq)).sum(1), 2)
+    nll = np.concatenate([-logq[np.arange(39), np.asarray(w[1:])] for w in windows])
+    assert d.tokens == 78
+    assert d.kld_mean == pytest.approx(kld.mean()) and d.kld_max == pytest.approx(kld.max())
+    assert d.kld_median == pytest.approx(np.median(kld[:39]))  # each window's values appear twice
+    assert d.kld_p99 == pytest.approx(np.quantile(kld, 0.99))
+    assert d.kld_stderr == pytest.approx(kld.std(ddof=1) / np.sqrt(78))
+    assert d.same_top1 == pytest.approx(np.mean(np.tile(logp.argmax(1) == logq.argmax(1), 2)))
+    assert d.ppl.ppl == pytest.approx(np.exp(nll.mean()))
+    assert d.ppl.ppl_stderr == pytest.approx(np.exp(nll.mean()) * nll.std(ddof=1) / np.sqrt(78))
+
+
+def test_cli_kld_of_an_artifact_against_itself(tiny_artifact: Path, text_file: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(tiny_artifact), "--kld", str(tiny_artifact), "--text", str(text_file), "--windows", "2",
+                 "--window-len", "32", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    head, _, row = out.strip().splitlines()
+    cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["mean KLD"] == "0.00000 ± 0.00000" and cells["same top 1"] == "100.00%" and cells["tokens"] == "62"
+    assert main(["eval", "--model", "default", "--kld", str(tiny_artifact)]) == 2
+    assert "--kld compares two compiled artifacts" in capsys.readouterr().err
