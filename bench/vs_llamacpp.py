@@ -106,6 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="default, a Hugging Face checkpoint directory")
     ap.add_argument("--quant", nargs="+", default=["rtn-w4g64"])
+    ap.add_argument("--artifact", nargs="+", type=Path, default=[],
+                    help="awqc artifacts of the same model already compiled (instead of --quant)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--pp", type=int, default=512)
@@ -123,7 +125,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     bin_dir = llama_bin()
     gguf = make_q4_0(args.model, args.workdir, bin_dir)
-    artifacts = {q: compile_awqc(args.model, q, args.workdir, args.pp + args.tg) for q in args.quant}
+    artifacts = {a.name: a for a in args.artifact} or {
+        q: compile_awqc(args.model, q, args.workdir, args.pp + args.tg) for q in args.quant}
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for rep in range(args.reps):
         for threads in args.threads:

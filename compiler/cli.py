@@ -246,6 +246,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server for a compiled artifact",
+        description="POST /v1/chat/completions and /v1/completions (\"stream\": true for server-sent "
+                    "events), GET /v1/models and /health. Up to --max-batch requests decode together, "
+                    "one batched step for all; more wait in a queue. Sampling defaults as in `awqc run`; "
+                    "a request's temperature, top_p, top_k, min_p, repetition_penalty, seed and stop "
+                    "override them.",
+        epilog="example: awqc serve dist/smollm2-awq --port 8000 --api-key $KEY\n"
+               "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key=KEY)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path, help="artifact directory written by `awqc compile`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 request (default: none)")
+    p.add_argument("--max-batch", type=int, default=4, help="requests decoded together (default 4)")
+    p.add_argument("--model-id", default=None, help="the model name clients use (default: the artifact's directory name)")
+    p.add_argument("--device", default=None, help="TVM device, e.g. cpu or cuda:0 (default: the artifact's)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from awqc.runtime.engine import Engine
+    from awqc.runtime.serve import serve
+
+    if not 1 <= args.max_batch <= 256 or not 0 < args.port < 65536:
+        raise ValueError("--max-batch must be in 1..256 and --port in 1..65535")
+    engine = Engine(args.artifact, args.device, max_batch=args.max_batch)
+    model_id = args.model_id or args.artifact.resolve().name
+    print(f"serving {model_id} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}"
+          f"{', API key required' if args.api_key else ''})", file=sys.stderr)
+    serve(engine, model_id, args.host, args.port, args.max_batch, args.api_key)
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -520,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_run(sub)
     _add_chat(sub)
+    _add_serve(sub)
     _add_bench(sub)
     _add_eval(sub)
     _add_tune(sub)

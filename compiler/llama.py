@@ -11,6 +11,7 @@ from typing import Any
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op, spec
+from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
@@ -79,7 +80,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
     def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
-        x = self.embed_tokens(input_ids)
+        # mode "clip": a token id past the vocabulary reads the last row instead of memory outside
+        # the table (TVM's default "fast" mode does no bounds check, and warns so at every compile)
+        x = wrap_nested(relax.op.take(self.embed_tokens.weight._expr, input_ids._expr, axis=0, mode="clip"), "take")
         for i, layer in enumerate(self.layers):
             x = layer(x, kv, i)
         return self.norm(x)

@@ -18,6 +18,7 @@ from .artifact import (LIBRARY, MANIFEST, ArtifactError, TOKENIZER_DIR, WEIGHTS,
                        drop_pages, load_safetensors, read_manifest)
 from .chat_template import render_chat
 from .sampling import LLAMA_CPP_DEFAULTS, Sampler, SamplingParams
+from .text_stream import TextStream
 from .verified import verify_artifact
 
 _PAGE_SIZE = 16
@@ -30,9 +31,14 @@ class PromptTooLongError(ValueError):
 class Engine:
     """One sequence of one artifact on one device."""
 
-    def __init__(self, artifact: str | Path, device: str | None = None, verify: bool = False):
+    def __init__(self, artifact: str | Path, device: str | None = None, verify: bool = False, max_batch: int = 1):
         """device: a TVM device string ("cpu", "cuda", "cuda:1"); None is the artifact's kind.
-        verify: hash every file even if it was verified before and has not changed since."""
+        verify: hash every file even if it was verified before and has not changed since.
+        max_batch: sequences the KV cache holds at once, each up to the context window (a server's
+        concurrent requests: add_sequence takes ids 1..max_batch); the single-sequence methods use
+        sequence 0."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
         root = Path(artifact)
         self.root = root
         self.manifest = read_manifest(root)
@@ -40,9 +46,10 @@ class Engine:
         check_compatible(self.manifest, tvm.__version__)
         kind = check_device(self.manifest, _device_exists, device)  # before loading CUDA code
         self.device = tvm.device(device or kind)
-        check_fits(self.manifest, root, _available_bytes(self.device))
+        check_fits(self.manifest, root, _available_bytes(self.device), max_batch)
         self.context_window = int(self.manifest["context_window"])
         self.prefill_chunk = int(self.manifest["prefill_chunk"])
+        self.vocab_size = int(self.manifest["model"]["vocab_size"])
         self.eos_token_ids = set(self.manifest["tokenizer"]["eos_token_ids"])
         # sampling defaults recorded at compile time (older artifacts: llama.cpp's)
         self.generation = self.manifest.get("generation") or {**LLAMA_CPP_DEFAULTS, "source": "llama.cpp defaults"}
@@ -65,10 +72,11 @@ class Engine:
         self._kv_begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         self._kv_end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
         self.kv = self.vm["create_tir_paged_kv_cache"](
-            ShapeTuple([1]), ShapeTuple([self.context_window]), ShapeTuple([self.prefill_chunk]),
+            ShapeTuple([max_batch + 1]), ShapeTuple([self.context_window * max_batch]), ShapeTuple([self.prefill_chunk]),
             ShapeTuple([_PAGE_SIZE]))
         self._kv_popn = tvm.get_global_func("vm.builtin.kv_state_popn")
         self._kv_add(self.kv, 0)
+        self._lengths: dict[int, int] = {}  # tokens of the other sequences (add_sequence)
         self.tokens: list[int] = []  # the tokens in the cache, in order
         self.timing = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}  # last generate
 
@@ -130,12 +138,52 @@ class Engine:
             raise PromptTooLongError(
                 f"{self.length + len(ids)} tokens do not fit the context window of {self.context_window}; "
                 "shorten the prompt or recompile with a larger --context-window")
-        self._kv_begin(self.kv, ShapeTuple([0]), ShapeTuple([len(ids)]))
-        data = tvm.runtime.tensor(np.asarray([ids], dtype=np.int32), self.device)
+        logits = self._forward(fn, [0], [len(ids)], ids)
+        self.tokens += ids
+        return logits
+
+    def _forward(self, fn: str, seqs: list[int], lengths: list[int], ids: list[int]) -> np.ndarray:
+        """Run `fn` on the tokens `ids`: lengths[i] of them appended to sequence seqs[i], in order."""
+        tokens = np.asarray([ids], dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token id {int(tokens.max() if tokens.max() >= self.vocab_size else tokens.min())} "
+                             f"is outside this model's vocabulary of {self.vocab_size}")
+        self._kv_begin(self.kv, ShapeTuple(seqs), ShapeTuple(lengths))
+        data = tvm.runtime.tensor(tokens.astype(np.int32), self.device)
         logits, self.kv = self.vm[fn](data, self.kv, self.params)
         self._kv_end(self.kv)
-        self.tokens += ids
         return logits.numpy()[0]
+
+    # -- several sequences (a server's requests) ---------------------------------------------------
+    def add_sequence(self, seq: int) -> None:
+        """Start sequence `seq` (1 .. max_batch; 0 is the single-sequence API's)."""
+        self._kv_add(self.kv, seq)
+        self._lengths[seq] = 0
+
+    def remove_sequence(self, seq: int) -> None:
+        self._kv_remove(self.kv, seq)
+        del self._lengths[seq]
+
+    def prefill_sequence(self, seq: int, ids: list[int]) -> np.ndarray:
+        """Append a prompt to sequence `seq` (in chunks); logits of its last token."""
+        if self._lengths[seq] + len(ids) > self.context_window:
+            raise PromptTooLongError(f"{self._lengths[seq] + len(ids)} tokens do not fit the context window of "
+                                     f"{self.context_window}")
+        for start in range(0, len(ids), self.prefill_chunk):
+            logits = self._forward("prefill", [seq], [len(ids[start:start + self.prefill_chunk])],
+                                   ids[start:start + self.prefill_chunk])
+        self._lengths[seq] += len(ids)
+        return logits[-1]
+
+    def decode_batch(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
+        """Append one token to each sequence in one call; logits [len(seqs), vocab]. One sequence
+        takes the decode kernels (GEMV); several the prefill ones (GEMM over their rows)."""
+        if any(self._lengths[s] >= self.context_window for s in seqs):
+            raise PromptTooLongError("a sequence is at the end of the context window")
+        logits = self._forward("decode" if len(seqs) == 1 else "score", seqs, [1] * len(seqs), tokens)
+        for s in seqs:
+            self._lengths[s] += 1
+        return logits
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Append the tokens (in chunks); logits of the last one, shape [vocab]."""
@@ -194,25 +242,17 @@ class Engine:
                     write: Callable[[str], object], stop: Sequence[str] = (), reuse_cache: bool = False) -> list[int]:
         """Generate and write text as it forms (whole characters only), ending before the first
         stop string; the new token ids (through the one that completed a stop string)."""
-        out: list[int] = []
-        shown = ""
-        hold = max((len(s) for s in stop), default=1) - 1  # characters that may start a stop string
+        text = TextStream(self.decode_text, stop)
         for token in self.generate(prompt_ids, max_new_tokens, sampling, reuse_cache):
-            out.append(token)
-            text = self.decode_text(out)
-            hit = min((i for i in (text.find(s, max(len(shown) - len(s), 0)) for s in stop) if i >= 0), default=-1)
-            if hit >= 0:
-                write(text[len(shown):hit])
-                return out
-            if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                continue
-            ready = len(text) - hold if stop else len(text)
-            if ready > len(shown):
-                write(text[len(shown):ready])
-                shown = text[:ready]
-        text = self.decode_text(out)
-        write(text[len(shown):])
-        return out
+            piece = text.feed(token)
+            if piece:
+                write(piece)
+            if text.stopped:
+                return text.tokens
+        tail = text.finish()
+        if tail:
+            write(tail)
+        return text.tokens
 
 
 def kv_cache_bytes(manifest: dict) -> int:
@@ -222,18 +262,19 @@ def kv_cache_bytes(manifest: dict) -> int:
     return 2 * m["num_hidden_layers"] * m["num_key_value_heads"] * m["head_dim"] * manifest["context_window"] * itemsize
 
 
-def check_fits(manifest: dict, root: Path, available: int | None) -> None:
+def check_fits(manifest: dict, root: Path, available: int | None, max_batch: int = 1) -> None:
     """Refuse, before loading anything, an artifact whose weights and KV cache exceed the memory
     available on its device (an OOM kill mid-load tells the user nothing)."""
     if available is None:
         return
-    weights, kv = (root / WEIGHTS).stat().st_size, kv_cache_bytes(manifest)
+    weights, kv = (root / WEIGHTS).stat().st_size, kv_cache_bytes(manifest) * max_batch
     need = weights + kv + (64 << 20)  # + the library and working buffers
     if need > available:
         gib = 1 << 30
         raise ArtifactError(
             f"the artifact needs about {need / gib:.1f} GiB (weights {weights / gib:.1f} GiB + KV cache "
-            f"{kv / gib:.1f} GiB for a context of {manifest['context_window']}) but only {available / gib:.1f} GiB "
+            f"{kv / gib:.1f} GiB for {max_batch} sequence(s) of {manifest['context_window']} tokens) but only "
+            f"{available / gib:.1f} GiB "
             "is available; close other programs, recompile with a smaller --context-window, or use a smaller model")
 
 

@@ -81,6 +81,17 @@ def test_prompt_longer_than_context(tiny_artifact: Path) -> None:
     assert engine.length == 0  # nothing half-prefilled
 
 
+@pytest.mark.parametrize("bad", [320, 10**6, -1])  # the tiny model's vocabulary is 320
+def test_token_outside_the_vocabulary(tiny_artifact: Path, bad: int) -> None:
+    engine = Engine(tiny_artifact)
+    with pytest.raises(ValueError, match=f"token id {bad} is outside this model's vocabulary of 320"):
+        engine.prefill([5, bad])
+    with pytest.raises(ValueError, match="outside this model's vocabulary"):
+        engine.decode(bad)
+    assert engine.length == 0
+    engine.prefill([5, 319])  # the last id is fine
+
+
 def test_cli_run_prompt_too_long(tiny_artifact: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", str(tiny_artifact), "--prompt", "fox " * 200]) == 2
     assert "context window" in capsys.readouterr().err
@@ -157,7 +168,9 @@ def test_unexpected_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: p
 
 
 @pytest.mark.parametrize("argv, message", [(["tune", "--group", "0"], "group size 0"),
-                                           (["eval", "--model", "default", "--windows", "-1"], "--windows")])
+                                           (["eval", "--model", "default", "--windows", "-1"], "--windows"),
+                                           (["serve", "nowhere", "--max-batch", "0"], "--max-batch must be"),
+                                           (["chat", "nowhere", "--max-new-tokens", "0"], "--max-new-tokens")])
 def test_bad_options(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
