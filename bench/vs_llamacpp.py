@@ -45,7 +45,7 @@ def make_q4_0(model: str, workdir: Path, bin_dir: Path) -> Path:
         source, requant = default_model_path(), ["--allow-requantize"]
     else:
         source, requant = workdir / f"{Path(model).name}.f16.gguf", []
-        convert = bin_dir.parents[2] / "convert_hf_to_gguf.py"
+        convert = bin_dir.parents[1] / "convert_hf_to_gguf.py"
         subprocess.run([sys.executable, str(convert), model, "--outtype", "f16", "--outfile", str(source)], check=True)
     subprocess.run([str(bin_dir / "llama-quantize"), *requant, "--pure", str(source), str(out), "Q4_0"], check=True,
                    capture_output=True)

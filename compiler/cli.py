@@ -516,6 +516,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
                    help="use the data-sheet peak of an arch (sm_80, sm_86, sm_87, sm_89, sm_90) or device "
                         "(h100-sxm, a100-80gb, orin-nano-8gb, ...) instead of measuring")
     p.add_argument("-o", "--output", type=Path, default=Path("profile.png"), help="roofline PNG (default profile.png)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON instead of tables")
     p.set_defaults(func=cmd_profile)
 
 
@@ -543,7 +544,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     except RemoteError as err:
         print(f"awqc profile: error: {err}", file=sys.stderr)
         return 2
-    print(format_profile(prof))
+    if args.json:
+        import json
+
+        print(json.dumps(prof.to_json(), indent=2))
+    else:
+        print(format_profile(prof))
     print(f"wrote {plot_roofline(prof, args.output)}", file=sys.stderr)
     return 0
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -390,6 +392,7 @@ class KernelStat:
     us: float = 0.0  # per decode step, averaged over the profiled steps
     weight_bytes: int = 0  # streamed per step
     flops: int = 0  # per step
+    role: str = "other"  # what it is in the model: qkv, o, gate_up, down, lm_head, attention, rope, norm, ...
 
     @property
     def gbps(self) -> float | None:
@@ -422,13 +425,49 @@ def classify(name: str, args: list[dict[str, Any] | None]) -> tuple[str, int, in
     return "other", 0, 0
 
 
-def aggregate(steps: list[dict[str, Any]]) -> list[KernelStat]:
-    """Per-kernel totals averaged over the profiled steps, slowest first."""
+def linear_roles(model: dict[str, Any]) -> dict[tuple[int, int], str]:
+    """(K, N) of each linear of the model → its role ("o/qkv" where two share a shape)."""
+    h, inter = model["hidden_size"], model["intermediate_size"]
+    q, kv = model["num_attention_heads"] * model["head_dim"], model["num_key_value_heads"] * model["head_dim"]
+    roles: dict[tuple[int, int], list[str]] = {}
+    for shape, role in (((h, q + 2 * kv), "qkv"), ((q, h), "o"), ((h, 2 * inter), "gate_up"), ((inter, h), "down"),
+                        ((h, model["vocab_size"]), "lm_head")):
+        roles.setdefault(shape, []).append(role)
+    return {k: "/".join(v) for k, v in roles.items()}
+
+
+# Non-linear kernels by what their TVM name says they do, first match wins.
+_NAME_ROLES = (("attention", ("attention", "attn", "batch_decode", "batch_prefill", "merge_state")),
+               ("rope", ("rope", "rotary")), ("norm", ("rms_norm", "layer_norm")),
+               ("activation", ("silu", "gelu", "swiglu")), ("kv append", ("kv_cache_transpose_append", "append")),
+               ("embedding", ("take",)))
+
+
+def kernel_role(name: str, args: list[dict[str, Any] | None], roles: dict[tuple[int, int], str]) -> str:
+    tensors = [a for a in args if a]
+    if name.startswith("w4_") and len(tensors) >= 5:
+        shape = (tensors[0]["shape"][-1], tensors[-1]["shape"][-1])  # (x's K, y's N): packing hides N
+        return roles.get(shape, "linear")
+    if "matmul" in name and len(tensors) >= 3:
+        w = tensors[1]["shape"]
+        for shape in ((w[-1], w[0]), (w[0], w[-1])):  # [N, K] weights (NT) or [K, N]
+            if shape in roles:
+                return roles[shape]
+        return "linear"
+    lowered = name.lower()
+    return next((role for role, words in _NAME_ROLES if any(w in lowered for w in words)), "other")
+
+
+def aggregate(steps: list[dict[str, Any]], model: dict[str, Any] | None = None) -> list[KernelStat]:
+    """Per-kernel totals averaged over the profiled steps, slowest first; with the model's config,
+    each kernel's role in the model."""
+    roles = linear_roles(model) if model else {}
     stats: dict[str, KernelStat] = {}
     for step in steps:
         for call in step["calls"]:
             kind, nbytes, flops = classify(call["name"], call["args"])
-            s = stats.setdefault(call["name"], KernelStat(call["name"], kind))
+            s = stats.setdefault(call["name"], KernelStat(call["name"], kind,
+                                                          role=kernel_role(call["name"], call["args"], roles)))
             s.calls += 1
             s.us += call["us"]
             s.weight_bytes += nbytes
@@ -491,6 +530,45 @@ class Profile:
     bandwidth_gbps: float
     bandwidth_source: str
     peak_tflops: float | None
+    peak_source: str = "data sheet"
+
+    def roles(self) -> list[KernelStat]:
+        """The kernels summed by role, slowest first, with the VM's own time between kernel calls
+        (the instrumented step minus its kernels) as a role of its own."""
+        by: dict[str, KernelStat] = {}
+        for k in self.kernels:
+            r = by.setdefault(k.role, KernelStat(k.role, k.kind if k.kind != "other" else "other", role=k.role))
+            r.calls += k.calls
+            r.us += k.us
+            r.weight_bytes += k.weight_bytes
+            r.flops += k.flops
+        gap = self.instrumented_us - sum(k.us for k in self.kernels)
+        if gap > 0:
+            by["VM overhead"] = KernelStat("VM overhead", "other", 0, gap, role="VM overhead")
+        return sorted(by.values(), key=lambda r: -r.us)
+
+    def to_json(self) -> dict[str, Any]:
+        def row(k: KernelStat) -> dict[str, Any]:
+            return {"role": k.role, "name": k.name, "kind": k.kind, "calls": k.calls, "us_per_step": k.us,
+                    "weight_bytes": k.weight_bytes, "flops": k.flops, "gbps": k.gbps}
+
+        return {"target": self.target, "device": self.device, "steps": self.steps, "step_us": self.step_us,
+                "instrumented_us": self.instrumented_us, "bandwidth_gbps": self.bandwidth_gbps,
+                "bandwidth_source": self.bandwidth_source,
+                "peak_gflops": None if self.peak_tflops is None else self.peak_tflops * 1e3,
+                "peak_source": self.peak_source, "roles": [row(r) for r in self.roles()],
+                "kernels": [row(k) for k in self.kernels]}
+
+
+def measure_cpu_peak(threads: int, n: int = 2048, repeat: int = 3) -> float:
+    """FLOP/s of this CPU in TFLOP/s: the best of `repeat` float32 n×n×n GEMMs in torch (oneDNN/MKL,
+    which run near the FMA peak) on `threads` threads — a measured lower bound of the peak. In a
+    child process: torch's OpenMP pool and TVM's thread pool in one process abort."""
+    code = (f"import time, torch\ntorch.set_num_threads({threads})\na, b = torch.randn({n}, {n}), torch.randn({n}, {n})\n"
+            f"torch.mm(a, b)\nbest = min((lambda t: (torch.mm(a, b), time.perf_counter() - t)[1])(time.perf_counter())"
+            f" for _ in range({repeat}))\nprint(2 * {n} ** 3 / best / 1e12)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def profile_decode(artifact: Path, rpc: str | None = None, tracker: str | None = None, key: str | None = None,
@@ -502,11 +580,14 @@ def profile_decode(artifact: Path, rpc: str | None = None, tracker: str | None =
     peak = peak_for(arch) if arch else None  # bad --arch fails before any connection
     sess = open_session(rpc, tracker, key, timeout)
     model = RemoteModel(sess, artifact, context_window=prompt_len + 2 * steps + 4)
-    with tempfile.TemporaryDirectory(prefix="awqc-profiler-") as tmp:
-        plugin = build_plugin(model.manifest["target"]["arch"], Path(tmp))
-        sess.upload(str(plugin), plugin.name)
-        sess.load_module(plugin.name)  # registers awqc.profile_vm_call in the server process
-    call = sess.get_function("awqc.profile_vm_call")
+    try:  # a server (or this process) that ran a profile before has the function already
+        call = sess.get_function("awqc.profile_vm_call")
+    except Exception:  # noqa: BLE001  (TVM's error for a missing global function)
+        with tempfile.TemporaryDirectory(prefix="awqc-profiler-") as tmp:
+            plugin = build_plugin(model.manifest["target"]["arch"], Path(tmp))
+            sess.upload(str(plugin), plugin.name)
+            sess.load_module(plugin.name)  # registers awqc.profile_vm_call in the server process (twice aborts)
+        call = sess.get_function("awqc.profile_vm_call")
     dev_type, dev_id = _device_ids(model.device)
     rng = np.random.default_rng(0)
     vocab = int(model.manifest["model"]["vocab_size"])
@@ -529,9 +610,14 @@ def profile_decode(artifact: Path, rpc: str | None = None, tracker: str | None =
         bw, source, tflops = peak[1], f"peak of {peak[0]} (data sheet)", peak[2]
     else:
         bw, source, tflops = measure_bandwidth(sess, model.device), "measured (device-side copy)", None
+    peak_source = "data sheet"
+    if tflops is None and not (rpc or tracker) and model.kind == "cpu":
+        threads = int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+        tflops, peak_source = measure_cpu_peak(threads), f"measured (torch float32 GEMM, {threads} threads)"
     where = f"{model.kind}:0 at {rpc or f'tracker {tracker} key {key}' if rpc or tracker else 'this machine'}"
     return Profile(model.manifest["target"]["name"], where, steps, float(np.median(plain)),
-                   float(np.median([t["total_us"] for t in traced])), aggregate(traced), bw, source, tflops)
+                   float(np.median([t["total_us"] for t in traced])), aggregate(traced, model.manifest["model"]), bw,
+                   source, tflops, peak_source)
 
 
 def _device_ids(device: Any) -> tuple[int, int]:
@@ -542,18 +628,28 @@ def _device_ids(device: Any) -> tuple[int, int]:
 
 
 def format_profile(p: Profile, top: int = 25) -> str:
-    """The per-kernel table: time per step, share of the instrumented step, GB/s, % of the roof."""
+    """Time per step by role in the model, then per kernel: share of the instrumented step, GB/s,
+    % of the bandwidth roof."""
     lines = [f"decode step on {p.device} (target {p.target}), {p.steps} steps: "
              f"{p.step_us:.1f} us plain, {p.instrumented_us:.1f} us with a sync around every call",
-             f"roofline bandwidth: {p.bandwidth_gbps:.1f} GB/s, {p.bandwidth_source}", "",
-             f"{'kernel':<44} {'kind':<6} {'calls':>5} {'us/step':>9} {'share':>6} {'MB':>8} {'GB/s':>8} {'roof':>6}"]
-    total = sum(k.us for k in p.kernels) or 1.0
-    for k in p.kernels[:top]:
+             f"roofline bandwidth: {p.bandwidth_gbps:.1f} GB/s, {p.bandwidth_source}"
+             + (f"; compute peak {p.peak_tflops * 1e3:.0f} GFLOP/s, {p.peak_source}" if p.peak_tflops else ""), ""]
+    total = p.instrumented_us or 1.0
+
+    def cells(k: KernelStat) -> str:
         mb = f"{k.weight_bytes / 1e6:8.2f}" if k.weight_bytes else f"{'':>8}"
         gbps = f"{k.gbps:8.1f}" if k.gbps else f"{'':>8}"
         roof = f"{100 * k.gbps / p.bandwidth_gbps:5.1f}%" if k.gbps else f"{'':>6}"
-        share = 100 * k.us / total
-        lines.append(f"{k.name[:44]:<44} {k.kind:<6} {k.calls:>5} {k.us:9.1f} {share:5.1f}% {mb} {gbps} {roof}")
+        return f"{k.calls:>5} {k.us:9.1f} {100 * k.us / total:5.1f}% {mb} {gbps} {roof}"
+
+    lines.append(f"{'role':<14} {'kernels':<40} {'calls':>5} {'us/step':>9} {'share':>6} {'MB':>8} {'GB/s':>8} {'roof':>6}")
+    for r in p.roles():
+        names = ", ".join(sorted({k.name for k in p.kernels if k.role == r.role})) or "(between kernel calls)"
+        lines.append(f"{r.role:<14} {names[:40]:<40} {cells(r)}")
+    lines += ["", f"{'kernel':<44} {'kind':<6} {'calls':>5} {'us/step':>9} {'share':>6} {'MB':>8} {'GB/s':>8} "
+                  f"{'roof':>6} role"]
+    for k in p.kernels[:top]:
+        lines.append(f"{k.name[:44]:<44} {k.kind:<6} {cells(k)} {k.role}")
     if len(p.kernels) > top:
         rest = p.kernels[top:]
         lines.append(f"{f'({len(rest)} more)':<44} {'':<6} {sum(k.calls for k in rest):>5} "
@@ -568,27 +664,30 @@ def format_profile(p: Profile, top: int = 25) -> str:
 
 
 def roofline_figure(p: Profile) -> Any:
-    """Roofline: each int4 / matmul kernel at (FLOP per weight byte, attained GFLOP/s) under the
-    bandwidth roof (and the fp16 tensor peak where the data sheet gives one)."""
+    """Roofline: one point per linear role (qkv, o, gate_up, down, lm_head) at (FLOP per weight
+    byte, attained GFLOP/s), under the bandwidth roof and the compute roof where one is known."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    pts = [k for k in p.kernels if k.intensity and k.us > 0]
+    pts = [r for r in p.roles() if r.intensity and r.us > 0]
     fig = Figure(figsize=(8, 5.5), dpi=110)
     ax = fig.add_subplot()
     xs = np.logspace(-1, 3, 200)
-    roof = p.bandwidth_gbps * xs
+    ax.plot(xs, p.bandwidth_gbps * xs, color="black", lw=1.5,
+            label=f"memory roof: {p.bandwidth_gbps:.0f} GB/s ({p.bandwidth_source})")
     if p.peak_tflops:
-        roof = np.minimum(roof, p.peak_tflops * 1e3)
-    ax.plot(xs, roof, color="black", lw=1.5, label=f"roof: {p.bandwidth_gbps:.0f} GB/s ({p.bandwidth_source})")
+        ax.axhline(p.peak_tflops * 1e3, color="tab:red", lw=1.5, ls="--",
+                   label=f"compute roof: {p.peak_tflops * 1e3:.0f} GFLOP/s ({p.peak_source})")
     markers = {"int4": ("o", "tab:blue"), "matmul": ("s", "tab:orange")}
     for kind, (marker, color) in markers.items():
         sel = [k for k in pts if k.kind == kind]
         if sel:
             ax.scatter([k.intensity for k in sel], [k.flops / (k.us * 1e3) for k in sel], marker=marker,
-                       color=color, label=f"{kind} kernels", zorder=3)
-    for k in pts:
-        ax.annotate(k.name[:28], (k.intensity, k.flops / (k.us * 1e3)), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+                       color=color, label=f"{kind} linears", zorder=3)
+    for i, k in enumerate(sorted(pts, key=lambda k: k.flops / (k.us * 1e3))):
+        # labels fan out vertically: points of one model sit at nearly the same intensity
+        ax.annotate(f"{k.role} ({k.us:.0f} us)", (k.intensity, k.flops / (k.us * 1e3)), fontsize=7,
+                    xytext=(8, -14 + 11 * i), textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "gray"})
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte of weights)")

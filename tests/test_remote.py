@@ -15,7 +15,7 @@ import pytest
 from awqc.compiler.awq import quantize_model
 from awqc.compiler.cli import main
 from awqc.compiler.remote import (Endpoint, KernelStat, Profile, RemoteModel, classify, open_session, parse_endpoint,
-                                  peak_for, roofline_figure)
+                                  kernel_role, linear_roles, peak_for, roofline_figure)
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.artifact import ArtifactError, write_manifest
 from awqc.runtime.engine import Engine
@@ -81,9 +81,36 @@ def test_profile_table_and_roofline(int4_artifact: Path, rpc_server: str, tmp_pa
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("w4_gemv")]
     assert len(rows) == 4  # qkv, o, gate_up, down, each called once per layer (2 layers)
-    assert all(r[1] == "int4" and r[2] == "2" and r[-1].endswith("%") for r in rows)  # GB/s and % of roof
+    assert all(r[1] == "int4" and r[2] == "2" and r[-2].endswith("%") for r in rows)  # GB/s and % of roof
+    assert sorted(r[-1] for r in rows) == ["down", "gate_up", "o", "qkv"]  # named by role from the shapes
+    roles = {line.split()[0] for line in out.splitlines()[4:] if line and not line.startswith(("w4_", "kernel"))}
+    assert {"qkv", "o", "gate_up", "down", "attention"} <= roles
     assert "GB/s" in out and "measured" in out
+    if where == "local":
+        assert "compute peak" in out and "torch float32 GEMM" in out
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    assert main([*args, "--json"]) == 0
+    prof = json.loads(capsys.readouterr().out)
+    assert {r["role"] for r in prof["roles"]} >= {"qkv", "o", "gate_up", "down"}
+    assert sum(k["us_per_step"] for k in prof["kernels"]) <= prof["instrumented_us"] + 1e-6
+
+
+def test_roles_from_shapes() -> None:
+    model = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+             "head_dim": 64, "vocab_size": 49152}
+    roles = linear_roles(model)
+    assert roles == {(576, 960): "qkv", (576, 576): "o", (576, 3072): "gate_up", (1536, 576): "down",
+                     (576, 49152): "lm_head"}
+    x, y = {"dtype": "float32", "shape": [1, 1536]}, {"dtype": "float32", "shape": [1, 576]}
+    q = {"dtype": "uint32", "shape": [72, 8, 192]}  # a tiled layout: N is not a dimension of it
+    assert kernel_role("w4_gemv_1536x576_g64", [x, q, q, q, y], roles) == "down"
+    w = {"dtype": "float32", "shape": [49152, 576]}
+    assert kernel_role("NT_matmul", [x, w, {"dtype": "float32", "shape": [1, 49152]}], roles) == "lm_head"
+    assert kernel_role("fused_rms_norm1", [x, x], roles) == "norm"
+    assert kernel_role("batch_decode_paged_kv_cpu", [x], roles) == "attention"
+    assert kernel_role("fused_rope", [x], roles) == "rope"
+    mha = dict(model, num_key_value_heads=9, hidden_size=576 * 3 // 3)
+    assert linear_roles(dict(mha, intermediate_size=288))[(576, 576)] == "o/gate_up"  # shared shape: both
 
 
 def test_roofline_axes_are_labelled() -> None:
