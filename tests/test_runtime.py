@@ -144,3 +144,15 @@ def test_help_texts_have_examples(capsys: pytest.CaptureFixture) -> None:
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "example:" in capsys.readouterr().out
+
+
+def test_compile_and_run_are_quiet(tiny_ckpt: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """No TVM warnings or third-party progress bars on a normal compile and run: the compile says
+    one line, the run its text and one line of statistics (capfd sees what C++ writes too)."""
+    art = tmp_path / "art"
+    assert main(["compile", "--model", str(tiny_ckpt), "-o", str(art), "--context-window", "64"]) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"wrote {art}"), err
+    assert main(["run", str(art), "--prompt", "the quick", "--max-new-tokens", "4"]) == 0
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "new tokens" in err[0], err
