@@ -21,10 +21,12 @@ attention (scales tied per KV head), and up → down through the gated product a
 the modules are called, and a producer that is not linear in the channel is left alone.
 
 **Search.** For a group with consumers W_c [N_c, K_c] (input Gram G_c = mean x xᵀ from calibration),
-scales s = s_x^α (s_x: mean |x| per channel, normalized by sqrt(max·min)) for α = 0, 1/20 .. 19/20,
+scales s = s_x^α / s_w^(1-α) (AutoAWQ's default "duo" scaling; s_x: mean |x| per channel, s_w: mean
+|w| relative to its quantization group's max; normalized by sqrt(max·min)) for α = 0, 1/20 .. 19/20,
 and the loss is the consumers' output error under quantization, computed exactly from the Gram:
-Σ_c sum((E_c @ G_c) * E_c) with E_c = Q(W_c·diag(s_c))·diag(1/s_c) − W_c. α = 0 is round-to-nearest,
-so the chosen scales never do worse than RTN on the calibration data.
+Σ_c sum((E_c @ G_c) * E_c) with E_c = Q(W_c·diag(s_c))·diag(1/s_c) − W_c. With `duo=False` (the
+paper's s = s_x^α) α = 0 is round-to-nearest, so those scales never do worse than RTN on the
+calibration data; with duo, as in AutoAWQ, only the grid is compared.
 
 **Apply.** Consumer columns × s, producer ÷ s (norm weight and bias, or the producer linear's output
 rows and their bias entries). In float the model's output is unchanged.
