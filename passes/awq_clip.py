@@ -56,13 +56,28 @@ def diagonal_blocks(moment: SecondMoment, group_size: int, col_scale: torch.Tens
     return blocks.contiguous()
 
 
+# Rows of a layer searched at once: each step holds a few temporaries of rows × K floats, so a
+# 128k-row LM head is searched in pieces of ~64 MB instead of five 2 GB copies (the 8B compile's peak).
+CHUNK_ELEMENTS = 1 << 24
+
+
 def search_layer_clip(w: torch.Tensor, moment: SecondMoment, scheme: QuantScheme, col_scale: torch.Tensor | None,
                       frozen_rows: np.ndarray | None = None, grid: list[float] | None = None) -> torch.Tensor:
-    """The best clip ratio per (row, group) [N, K/G]; 1.0 on `frozen_rows`."""
+    """The best clip ratio per (row, group) [N, K/G]; 1.0 on `frozen_rows`. Rows are independent,
+    so they are searched in chunks of CHUNK_ELEMENTS weights."""
     blocks = diagonal_blocks(moment, scheme.group_size, col_scale)
+    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    best = torch.cat([_best_clips(w[i:i + rows], blocks, scheme, grid or clip_grid())
+                      for i in range(0, w.shape[0], rows)])
+    if frozen_rows is not None and frozen_rows.any():
+        best[torch.from_numpy(frozen_rows)] = 1.0
+    return best
+
+
+def _best_clips(w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, grid: list[float]) -> torch.Tensor:
     best_err = best = None
     buf = torch.empty_like(w)
-    for c in grid or clip_grid():
+    for c in grid:
         err = group_errors(w, blocks, scheme, c, buf)
         if best is None:
             best_err, best = err, torch.full_like(err, c)
@@ -70,8 +85,6 @@ def search_layer_clip(w: torch.Tensor, moment: SecondMoment, scheme: QuantScheme
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, torch.full_like(best, c), best)
-    if frozen_rows is not None and frozen_rows.any():
-        best[torch.from_numpy(frozen_rows)] = 1.0
     return best
 
 

@@ -552,15 +552,27 @@ def weight_scale(group: ScalingGroup, weights: Mapping[str, torch.Tensor], schem
     total = torch.zeros(len(group.channels), dtype=torch.float64)
     count = torch.zeros(len(group.channels), dtype=torch.float64)
     for c in consumers:
-        w = weights[c.weight].abs()
-        n, k = w.shape
-        g = w.view(n, k // scheme.group_size, scheme.group_size)
-        rel = (g / (g.amax(-1, keepdim=True) + 1e-6)).view(n, k).mean(0)
+        rel = _relative_magnitude(weights[c.weight], scheme.group_size)
         m = c.columns >= 0
         idx = torch.from_numpy(c.columns[m])
         total.index_add_(0, idx, rel[torch.from_numpy(m)].double())
         count.index_add_(0, idx, torch.ones(int(m.sum()), dtype=torch.float64))
     return (total / count.clamp(min=1)).float()
+
+
+def _relative_magnitude(w: torch.Tensor, group_size: int, chunk: int = 1 << 24) -> torch.Tensor:
+    """Mean over rows of |w| / (max |w| of its group) [K]; in row chunks of `chunk` weights when w
+    is larger (a 128k-row LM head would need 2 GB per temporary)."""
+    n, k = w.shape
+
+    def rel(rows: torch.Tensor) -> torch.Tensor:
+        g = rows.abs().view(rows.shape[0], k // group_size, group_size)
+        return (g / (g.amax(-1, keepdim=True) + 1e-6)).view(rows.shape[0], k)
+
+    step = max(1, chunk // k)
+    if n <= step:
+        return rel(w).mean(0)
+    return (sum(rel(w[i:i + step]).sum(0, dtype=torch.float64) for i in range(0, n, step)) / n).float()
 
 
 def search_group(group: ScalingGroup, weights: Mapping[str, torch.Tensor], stats, scheme: QuantScheme,

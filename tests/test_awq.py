@@ -345,3 +345,23 @@ def test_nan_weight_is_named(tiny_bias_model) -> None:
     model.weights["layers.1.mlp.down_proj.weight"] = bad
     with pytest.raises(NonFiniteError, match=r"layers\.1\.mlp\.down_proj\.weight"):
         awq_quantize(model, QuantScheme(group_size=32), _Stats({}), progress=False)
+
+
+def test_large_layers_are_searched_in_row_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clip search and duo's weight magnitudes go through big layers (a 128k-row head) in row
+    chunks to bound memory; the answer is the one of the layer searched whole."""
+    from awqc.passes import awq_clip
+    from awqc.passes.awq_scale import _relative_magnitude
+
+    torch.manual_seed(1)
+    x = _salient_activations(k=64)
+    w = torch.randn(40, 64)
+    moment = SecondMoment(gram=x.T @ x / x.shape[0])
+    scheme = QuantScheme(group_size=32)
+    whole = search_layer_clip(w, moment, scheme, None)
+    whole_rel = _relative_magnitude(w, 32)
+    monkeypatch.setattr(awq_clip, "CHUNK_ELEMENTS", 7 * 64)  # 7 rows at a time, the last chunk short
+    assert torch.equal(search_layer_clip(w, moment, scheme, None), whole)
+    torch.testing.assert_close(_relative_magnitude(w, 32, chunk=7 * 64), whole_rel)
+    g = w.abs().view(40, 2, 32)
+    torch.testing.assert_close(whole_rel, (g / (g.amax(-1, keepdim=True) + 1e-6)).view(40, 64).mean(0))
