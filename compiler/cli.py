@@ -95,7 +95,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "run", help="generate text with a compiled artifact",
         description="Load an artifact (verifying the sha256 of every file) and stream generated text "
                     "to stdout. Sampling defaults are the artifact's: the checkpoint's generation_config.json "
-                    "when it had one, else llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05); "
+                    "when it had one, else llama.cpp's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, "
+                    "repeat penalty 1.1 over 64 tokens); "
                     "each option below overrides one, and --temperature 0 is exact greedy.",
         epilog='example: awqc run dist/smollm2-f32 --prompt "Write a haiku about compilers." --chat',
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -33,7 +33,7 @@ def _hf_probs(logits: np.ndarray, history: list[int], p: SamplingParams) -> np.n
     return torch.softmax(scores, -1)[0].numpy()
 
 
-SETTINGS = [dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),  # llama.cpp's defaults
+SETTINGS = [dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1),  # the llama.cpp-like defaults
             dict(temperature=1.0, top_k=5),
             dict(temperature=0.6, top_p=0.9),
             dict(temperature=1.3, min_p=0.1),
@@ -70,7 +70,8 @@ def test_repeat_penalty_looks_back_repeat_last_n_tokens() -> None:
 
 
 def test_defaults_from_generation_config(tmp_path: Path) -> None:
-    assert generation_defaults(tmp_path) == {**LLAMA_CPP_DEFAULTS, "source": "llama.cpp defaults"}
+    assert generation_defaults(tmp_path) == {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                                             "repeat_penalty": 1.1, "source": "llama.cpp defaults"}
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1, "bos_token_id": 1}))
     assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_k": 50, "top_p": 0.9, "min_p": 0.0,
