@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -72,27 +71,13 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, pp: int, tg: int) -> di
 
 
 def awqc_worker(artifact: str, pp: int, tg: int) -> dict[str, float]:
+    """One repetition, timed as `awqc bench` times it (runtime/bench.py): warm-up, then each test."""
+    from awqc.runtime.bench import time_decode, time_prefill
     from awqc.runtime.engine import Engine
 
     engine = Engine(artifact)
-    vocab = engine.manifest["model"]["vocab_size"]
-    ids = [(i * 7919) % (vocab - 100) + 50 for i in range(max(pp, tg))]
-
-    def prefill() -> float:
-        engine.reset()
-        t0 = time.perf_counter()
-        engine.prefill(ids[:pp])
-        return pp / (time.perf_counter() - t0)
-
-    def decode() -> float:
-        engine.reset()
-        t0 = time.perf_counter()
-        for t in ids[:tg]:
-            engine.decode(t)
-        return tg / (time.perf_counter() - t0)
-
-    prefill(), decode()  # warm-up, as llama-bench does
-    return {"pp": prefill(), "tg": decode()}
+    time_prefill(engine, pp), time_decode(engine, tg)  # warm-up, as llama-bench does
+    return {"pp": pp / time_prefill(engine, pp), "tg": tg / time_decode(engine, tg)}
 
 
 def run_awqc(artifact: Path, threads: int, pp: int, tg: int) -> dict[str, float]:

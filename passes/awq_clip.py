@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from .awq_scale import SecondMoment, fake_quantize_, thread_map
+from .awq_scale import CHUNK_ELEMENTS, SecondMoment, fake_quantize_, thread_map
 from .quantizer import QuantScheme
 
 MAX_SHRINK = 0.5
@@ -54,11 +54,6 @@ def diagonal_blocks(moment: SecondMoment, group_size: int, col_scale: torch.Tens
         inv = (1.0 / col_scale).reshape(-1, group_size)
         blocks = blocks * inv[:, :, None] * inv[:, None, :]
     return blocks.contiguous()
-
-
-# Rows of a layer searched at once: each step holds a few temporaries of rows × K floats, so a
-# 128k-row LM head is searched in pieces of ~64 MB instead of five 2 GB copies (the 8B compile's peak).
-CHUNK_ELEMENTS = 1 << 24
 
 
 def search_layer_clip(w: torch.Tensor, moment: SecondMoment, scheme: QuantScheme, col_scale: torch.Tensor | None,

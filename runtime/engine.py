@@ -17,7 +17,7 @@ from tvm.runtime.vm import VirtualMachine
 from .artifact import (LIBRARY, MANIFEST, ArtifactError, TOKENIZER_DIR, WEIGHTS, check_compatible, check_device,
                        drop_pages, load_safetensors, read_manifest)
 from .chat_template import render_chat
-from .sampling import LLAMA_CPP_DEFAULTS, Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, generation_defaults
 from .text_stream import TextStream
 from .verified import verify_artifact
 
@@ -52,7 +52,7 @@ class Engine:
         self.vocab_size = int(self.manifest["model"]["vocab_size"])
         self.eos_token_ids = set(self.manifest["tokenizer"]["eos_token_ids"])
         # sampling defaults recorded at compile time (older artifacts: llama.cpp's)
-        self.generation = self.manifest.get("generation") or {**LLAMA_CPP_DEFAULTS, "source": "llama.cpp defaults"}
+        self.generation = self.manifest.get("generation") or generation_defaults(None)
         try:
             self.vm = VirtualMachine(tvm.runtime.load_module(str(root / LIBRARY)), self.device)
         except Exception as err:  # noqa: BLE001  (TVM raises its own error types for a bad library)
@@ -138,12 +138,12 @@ class Engine:
             raise PromptTooLongError(
                 f"{self.length + len(ids)} tokens do not fit the context window of {self.context_window}; "
                 "shorten the prompt or recompile with a larger --context-window")
-        logits = self._forward(fn, [0], [len(ids)], ids)
-        self.tokens += ids
-        return logits
+        return self._forward(fn, [0], [len(ids)], ids)
 
     def _forward(self, fn: str, seqs: list[int], lengths: list[int], ids: list[int]) -> np.ndarray:
-        """Run `fn` on the tokens `ids`: lengths[i] of them appended to sequence seqs[i], in order."""
+        """Run `fn` on the tokens `ids`: lengths[i] of them appended to sequence seqs[i], in order;
+        each sequence's bookkeeping follows the cache (so an interrupt between calls leaves both
+        in step)."""
         tokens = np.asarray([ids], dtype=np.int64)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"token id {int(tokens.max() if tokens.max() >= self.vocab_size else tokens.min())} "
@@ -152,7 +152,21 @@ class Engine:
         data = tvm.runtime.tensor(tokens.astype(np.int32), self.device)
         logits, self.kv = self.vm[fn](data, self.kv, self.params)
         self._kv_end(self.kv)
+        start = 0
+        for seq, n in zip(seqs, lengths):
+            if seq == 0:
+                self.tokens += ids[start:start + n]
+            else:
+                self._lengths[seq] += n
+            start += n
         return logits.numpy()[0]
+
+    def _prefill_chunks(self, seq: int, ids: list[int]) -> np.ndarray:
+        """Append ids to sequence `seq`, prefill_chunk tokens per call; logits of the last one."""
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            logits = self._forward("prefill", [seq], [len(chunk)], chunk)
+        return logits[-1]
 
     # -- several sequences (a server's requests) ---------------------------------------------------
     def add_sequence(self, seq: int) -> None:
@@ -169,30 +183,21 @@ class Engine:
         if self._lengths[seq] + len(ids) > self.context_window:
             raise PromptTooLongError(f"{self._lengths[seq] + len(ids)} tokens do not fit the context window of "
                                      f"{self.context_window}")
-        for start in range(0, len(ids), self.prefill_chunk):
-            logits = self._forward("prefill", [seq], [len(ids[start:start + self.prefill_chunk])],
-                                   ids[start:start + self.prefill_chunk])
-        self._lengths[seq] += len(ids)
-        return logits[-1]
+        return self._prefill_chunks(seq, ids)
 
     def decode_batch(self, seqs: list[int], tokens: list[int]) -> np.ndarray:
         """Append one token to each sequence in one call; logits [len(seqs), vocab]. One sequence
         takes the decode kernels (GEMV); several the prefill ones (GEMM over their rows)."""
         if any(self._lengths[s] >= self.context_window for s in seqs):
             raise PromptTooLongError("a sequence is at the end of the context window")
-        logits = self._forward("decode" if len(seqs) == 1 else "score", seqs, [1] * len(seqs), tokens)
-        for s in seqs:
-            self._lengths[s] += 1
-        return logits
+        return self._forward("decode" if len(seqs) == 1 else "score", seqs, [1] * len(seqs), tokens)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Append the tokens (in chunks); logits of the last one, shape [vocab]."""
         if not ids:
             raise ValueError("the prompt is empty")
         self._check_fits(len(ids))
-        for start in range(0, len(ids), self.prefill_chunk):
-            logits = self._step("prefill", ids[start:start + self.prefill_chunk])
-        return logits[-1]
+        return self._prefill_chunks(0, ids)
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token; its logits, shape [vocab]."""
