@@ -253,7 +253,7 @@ def _write_weights(path: Path, parts: Iterable[Part], names: list[str], dtype: s
 
 
 def _write_part(writer: SafetensorsWriter, part: Part, wanted: set[str], dtype: str, layout: Layout) -> None:
-    def cast(a: Any) -> np.ndarray:  # packed int4 words keep their integer dtype
+    def cast(a: Any) -> np.ndarray:
         a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
         return a.astype(dtype, copy=False) if a.dtype.kind == "f" else a
 
@@ -263,8 +263,8 @@ def _write_part(writer: SafetensorsWriter, part: Part, wanted: set[str], dtype: 
             writer.write(name, cast(w))
     for name, (q, scale, zero) in quantized.items():
         packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
-        for suffix, a in zip(("qweight", "scales", "zeros"), packed):
-            writer.write(f"{name}.{suffix}", cast(a))
+        for suffix, a in zip(("qweight", "scales", "zeros"), packed):  # in the layout's dtypes
+            writer.write(f"{name}.{suffix}", a)
 
 
 def _make_readable(root: Path) -> None:

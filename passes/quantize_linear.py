@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from awqc.schedules.layouts import K8, Layout
+from awqc.schedules.layouts import DTYPES, K8, Layout
 
 # A kernel scheduler: (unscheduled kernel, group size, static rows or None) -> scheduled kernel.
 Scheduler = Callable[[tvm.tirx.PrimFunc, int, "int | None"], tvm.tirx.PrimFunc]
@@ -35,7 +35,7 @@ def quantized_param_names(names: list[str], quantized: set[str]) -> list[str]:
 def _quant_ty(ty: relax.TensorType, group: int, layout: Layout) -> list[relax.TensorType]:
     n, k = (int(d) for d in ty.shape.values)
     return [relax.TensorType(shape, dtype)
-            for shape, dtype in zip(layout.shapes(n, k, group), ("uint32", ty.dtype, ty.dtype))]
+            for shape, dtype in zip(layout.shapes(n, k, group), DTYPES)]
 
 
 @mutator

@@ -1,7 +1,10 @@
 """Group-wise integer weight quantization: one scheme dataclass, quantize/dequantize written once.
 
 Both asymmetric and symmetric schemes store q in [0, 2^bits) with a per-group scale and zero
-point, so every kernel dequantizes the same way: w = (q - zero) * scale.
+point, so every kernel dequantizes the same way: w = (q - zero) * scale. Artifacts store scales
+as float16 and zeros as 4-bit integers (schedules/layouts.py), so scales are rounded to float16
+here, before the zero point and q are derived from them: the fake-quant reference, the AWQ
+search and the kernels then see the same weights.
 """
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import re
 import torch
 
 GROUP_SIZES = (128, 64, 32)
+# Smallest normal float16: a scale below it would lose precision (or flush to zero) in storage.
+MIN_SCALE = 2.0 ** -14
 
 
 class QuantizationError(ValueError):
@@ -73,15 +78,20 @@ def group_params(w: torch.Tensor, scheme: QuantScheme,
         amax = g.abs().amax(-1)
         if clip is not None:
             amax = amax * clip
-        scale = (amax / (scheme.qmax // 2)).clamp(min=1e-8)
+        scale = _float16(amax / (scheme.qmax // 2))
         zero = torch.full_like(scale, (scheme.qmax + 1) // 2)
     else:
         lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
         if clip is not None:
             lo, hi = lo * clip, hi * clip
-        scale = ((hi - lo) / scheme.qmax).clamp(min=1e-8)
+        scale = _float16((hi - lo) / scheme.qmax)
         zero = torch.round(-lo / scale).clamp(0, scheme.qmax)
     return scale, zero
+
+
+def _float16(scale: torch.Tensor) -> torch.Tensor:
+    """The scale rounded to the float16 value it will be stored as (kept in its own dtype)."""
+    return scale.clamp(min=MIN_SCALE).to(torch.float16).to(scale.dtype)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of about this many weights

@@ -40,7 +40,7 @@ import dataclasses
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from .w4_kernels import PACK
+from .w4_kernels import PACK, ZEROS_PER_WORD, zero_at, zeros_shape
 
 WORDS_PER_CHUNK = 4  # k8 words per 128-bit load
 CHUNK = WORDS_PER_CHUNK * PACK  # 32 weights per 128-bit load
@@ -229,7 +229,7 @@ def w4_gemv_f16(k: int, n: int, group: int, rows: int = 4, emulate: bool = False
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((1, k), "float16"), qweight: T.Buffer((n, kw), "uint32"),
-               scales: T.Buffer((n, ng), "float16"), zeros: T.Buffer((n, ng), "float16"),
+               scales: T.Buffer((n, ng), "float16"), zeros: T.Buffer(zeros_shape(n, ng), "uint32"),
                y: T.Buffer((1, n), "float16")):
         T.func_attr({"tirx.noalias": True})
         part = T.sblock_alloc_buffer((WARP, n), "float32", scope=local)  # one partial per lane
@@ -250,7 +250,8 @@ def w4_gemv_f16(k: int, n: int, group: int, rows: int = 4, emulate: bool = False
                             T.where(bx * rows + ty < n and step * WARP + tx < chunks)
                             T.reads(part[vt, vn], x[0, vc * CHUNK:vc * CHUNK + CHUNK],
                                     qweight[vn, vc * WORDS_PER_CHUNK:vc * WORDS_PER_CHUNK + WORDS_PER_CHUNK],
-                                    scales[vn, vc // chunks_per_group], zeros[vn, vc // chunks_per_group])
+                                    scales[vn, vc // chunks_per_group],
+                                    zeros[vn, vc // chunks_per_group // ZEROS_PER_WORD])
                             T.writes(part[vt, vn])
                             qv = T.sblock_alloc_buffer((WORDS_PER_CHUNK,), "uint32", scope=local)
                             xv = T.sblock_alloc_buffer((CHUNK,), "float16", scope=local)
@@ -259,7 +260,7 @@ def w4_gemv_f16(k: int, n: int, group: int, rows: int = 4, emulate: bool = False
                             for v in T.unroll(4):
                                 xv[T.ramp(v * 8, 1, 8)] = x[0, T.ramp(vc * CHUNK + v * 8, 1, 8)]
                             s = scales[vn, vc // chunks_per_group]
-                            z = zeros[vn, vc // chunks_per_group]
+                            z = zero_at(zeros, vn, vc // chunks_per_group)
                             for w in T.unroll(WORDS_PER_CHUNK):
                                 part[vt, vn] = part[vt, vn] + _helper(
                                     "awqc_w4_dot8", "float32", qv[w],
@@ -306,7 +307,7 @@ def w4_gemm_f16(k: int, n: int, group: int, knobs: W4CudaKnobs = W4CudaKnobs(),
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((m, k), "float16"), qweight: T.Buffer((n, kw), "uint32"),
-               scales: T.Buffer((n, ng), "float16"), zeros: T.Buffer((n, ng), "float16"),
+               scales: T.Buffer((n, ng), "float16"), zeros: T.Buffer(zeros_shape(n, ng), "uint32"),
                y: T.Buffer((m, n), "float16")):
         T.func_attr({"tirx.noalias": True})
         acc = T.sblock_alloc_buffer((threads, tm, tn), "float32", scope=local)
@@ -327,7 +328,8 @@ def w4_gemm_f16(k: int, n: int, group: int, knobs: W4CudaKnobs = W4CudaKnobs(),
                         T.reads(x[vby * bm:vby * bm + bm, vk * CHUNK:vk * CHUNK + CHUNK],
                                 qweight[vbx * bn:vbx * bn + bn, vk * WORDS_PER_CHUNK:vk * WORDS_PER_CHUNK + 4],
                                 scales[vbx * bn:vbx * bn + bn, vk // tiles_per_group],
-                                zeros[vbx * bn:vbx * bn + bn, vk // tiles_per_group], acc[0:threads, 0:tm, 0:tn])
+                                zeros[vbx * bn:vbx * bn + bn, vk // tiles_per_group // ZEROS_PER_WORD],
+                                acc[0:threads, 0:tm, 0:tn])
                         T.writes(acc[0:threads, 0:tm, 0:tn])
                         xs = T.sblock_alloc_buffer((bm, pad), "float16", scope=shared)
                         ws = T.sblock_alloc_buffer((bn, pad), "float16", scope=shared)
@@ -354,13 +356,13 @@ def w4_gemm_f16(k: int, n: int, group: int, knobs: W4CudaKnobs = W4CudaKnobs(),
                                 T.sblock_attr({"buffer_dim_align": [[0, 0, CHUNK, pad - CHUNK]]})
                                 T.reads(qweight[vbx * bn + vt, vk * WORDS_PER_CHUNK:vk * WORDS_PER_CHUNK + 4],
                                         scales[vbx * bn + vt, vk // tiles_per_group],
-                                        zeros[vbx * bn + vt, vk // tiles_per_group])
+                                        zeros[vbx * bn + vt, vk // tiles_per_group // ZEROS_PER_WORD])
                                 T.writes(ws[vt, 0:CHUNK])
                                 qv = T.sblock_alloc_buffer((WORDS_PER_CHUNK,), "uint32", scope=local)
                                 if vbx * bn + vt < n:
                                     qv[T.ramp(0, 1, 4)] = qweight[vbx * bn + vt, T.ramp(vk * WORDS_PER_CHUNK, 1, 4)]
                                     s = scales[vbx * bn + vt, vk // tiles_per_group]
-                                    z = zeros[vbx * bn + vt, vk // tiles_per_group]
+                                    z = zero_at(zeros, vbx * bn + vt, vk // tiles_per_group)
                                     for w in T.unroll(WORDS_PER_CHUNK):
                                         T.evaluate(_helper("awqc_w4_dequant8", "void", qv[w], _half_bits2(s),
                                                            _half_bits2(_neg_zero_scale(z, s)),

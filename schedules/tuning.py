@@ -219,22 +219,22 @@ def compile_kernel(spec, layout: Layout, k: int, n: int, group: int, rows: int |
     return tvm.compile(tvm.IRModule({"main": func}), target=spec.target())["main"]
 
 
-def random_weights(layout: Layout, k: int, n: int, group: int, copies: int, seed: int = 0,
-                   dtype: str = "float32") -> list[list[tvm.runtime.Tensor]]:
+def random_weights(layout: Layout, k: int, n: int, group: int, copies: int,
+                   seed: int = 0) -> list[list[tvm.runtime.Tensor]]:
     """`copies` independent packed weights (qweight, scales, zeros) on the CPU."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(copies):
         q = rng.integers(0, 16, (n, k), dtype=np.uint8)
-        s = (rng.random((n, k // group)) * 0.02 + 0.001).astype(dtype)
-        z = rng.integers(0, 16, (n, k // group)).astype(dtype)
+        s = (rng.random((n, k // group)) * 0.02 + 0.001).astype(np.float16)
+        z = rng.integers(0, 16, (n, k // group))
         out.append([tvm.runtime.tensor(a) for a in layout.pack(q, s, z)])
     return out
 
 
-def packed_bytes(k: int, n: int, group: int, dtype: str = "float32") -> int:
-    """Bytes one call reads from the weights: int4 values + scales + zeros."""
-    return n * k // 2 + 2 * n * (k // group) * np.dtype(dtype).itemsize
+def packed_bytes(k: int, n: int, group: int) -> int:
+    """Bytes one call reads from the weights: int4 values + float16 scales + 4-bit zeros."""
+    return n * k // 2 + n * (k // group) * 2 + n * (k // group) // 2
 
 
 def cold_copies(k: int, n: int, group: int, floor: int = 2 * LLC_BYTES, most: int = 256) -> int:

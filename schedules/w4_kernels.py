@@ -2,7 +2,7 @@
 definition per packing layout (schedules/layouts.py names the layouts and packs them).
 
 Layout "k8": qweight [N, K/8] uint32, nibble j (bits 4j..4j+3) of word w holds column k = 8w + j;
-scales and zeros [N, K/G] in the activation dtype; w[n, k] = (q - zero) * scale.
+scales [N, K/G] float16, zeros [N, K/G] as 4-bit integers 8 to a word; w[n, k] = (q - zero) * scale.
 `w4_matmul` reads it with the dequantization inside the reduction.
 
 Interleaved layouts "i{L}r{R}" (`w4_gemv_interleaved`, `w4_gemm_interleaved`): see layouts.py.
@@ -17,6 +17,19 @@ from tvm.script import tirx as T
 
 LAYOUT = "k8"
 PACK = 8  # int4 values per uint32 word
+ZEROS_PER_WORD = 8  # 4-bit zero points per uint32 word
+SCALE_DTYPE = "float16"
+
+
+def zeros_shape(rows: int, columns: int) -> tuple[int, int]:
+    """Shape of [rows, columns] zero points packed 8 to a word (the last word zero-padded)."""
+    return rows, -(-columns // ZEROS_PER_WORD)
+
+
+def zero_at(zeros, row, column):
+    """Zero point (row, column) of packed zeros as float32: nibble column % 8 of word column // 8."""
+    return T.Cast("float32", T.bitwise_and(T.shift_right(
+        zeros[row, column // ZEROS_PER_WORD], T.Cast("uint32", column % ZEROS_PER_WORD) * T.uint32(4)), T.uint32(15)))
 
 
 def pack_k8(q: np.ndarray) -> np.ndarray:
@@ -45,8 +58,9 @@ def w4_matmul(k: int, n: int, group: int, dtype: str, rows: int | None) -> tirx.
     m = rows if rows is not None else tirx.Var("m", "int64")
 
     @T.prim_func(private=True, s_tir=True)
-    def kernel(x: T.Buffer((m, k), dtype), qweight: T.Buffer((n, kw), "uint32"), scales: T.Buffer((n, ng), dtype),
-               zeros: T.Buffer((n, ng), dtype), y: T.Buffer((m, n), dtype)):
+    def kernel(x: T.Buffer((m, k), dtype), qweight: T.Buffer((n, kw), "uint32"),
+               scales: T.Buffer((n, ng), SCALE_DTYPE), zeros: T.Buffer(zeros_shape(n, ng), "uint32"),
+               y: T.Buffer((m, n), dtype)):
         T.func_attr({"tirx.noalias": True})
         # float32 accumulator whatever the activation dtype; schedules keep it in registers.
         acc = T.sblock_alloc_buffer((m, n), "float32")
@@ -58,7 +72,7 @@ def w4_matmul(k: int, n: int, group: int, dtype: str, rows: int | None) -> tirx.
                 acc[vi, vj] = acc[vi, vj] + T.Cast("float32", x[vi, vr]) * (
                     T.Cast("float32", T.bitwise_and(
                         T.shift_right(qweight[vj, vr // 8], T.Cast("uint32", vr % 8) * T.uint32(4)), T.uint32(15)))
-                    - T.Cast("float32", zeros[vj, vr // group])) * T.Cast("float32", scales[vj, vr // group])
+                    - zero_at(zeros, vj, vr // group)) * T.Cast("float32", scales[vj, vr // group])
         for i, j in T.grid(m, n):
             with T.sblock("w4_store"):
                 vi, vj = T.axis.remap("SS", [i, j])
@@ -84,9 +98,13 @@ def _il_nibble(k, lanes: int):
 
 
 def _il_scale_index(n, g, rows: int):
-    """(row, column) of group g of row n in scales/zeros stored as [N/R, K/G * R]: a tile's R
-    rows side by side per group, so a tile reads one contiguous run per group."""
+    """(row, column) of group g of row n in scales (and unpacked zeros) stored as [N/R, K/G * R]:
+    a tile's R rows side by side per group, so a tile reads one contiguous run per group."""
     return n // rows, g * rows + n % rows
+
+
+def _il_zero(zeros, n, g, rows: int):
+    return zero_at(zeros, *_il_scale_index(n, g, rows))
 
 
 def w4_gemv_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows: int) -> tirx.PrimFunc:
@@ -112,8 +130,8 @@ def w4_gemv_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((1, k), dtype), qweight: T.Buffer((n // rows, k // PACK * rows), "uint32"),
-               scales: T.Buffer((n // rows, ng * rows), dtype), zeros: T.Buffer((n // rows, ng * rows), dtype),
-               y: T.Buffer((1, n), dtype)):
+               scales: T.Buffer((n // rows, ng * rows), SCALE_DTYPE),
+               zeros: T.Buffer(zeros_shape(n // rows, ng * rows), "uint32"), y: T.Buffer((1, n), dtype)):
         T.func_attr({"tirx.noalias": True})
         xsum = T.sblock_alloc_buffer((ng, lanes), "float32")  # X[g], kept per lane
         xpre = T.sblock_alloc_buffer((k,), "float32")  # x[k] * 16^-j(k)
@@ -144,7 +162,7 @@ def w4_gemv_interleaved(k: int, n: int, group: int, dtype: str, lanes: int, rows
                 with T.init():
                     acc[vj, vl] = T.float32(0)
                 acc[vj, vl] = acc[vj, vl] + T.Cast("float32", scales[_il_scale_index(vj, vg, rows)]) * (
-                    dot[vj, vg, vl] - T.Cast("float32", zeros[_il_scale_index(vj, vg, rows)]) * xsum[vg, vl])
+                    dot[vj, vg, vl] - _il_zero(zeros, vj, vg, rows) * xsum[vg, vl])
         for j, l in T.grid(n, lanes):
             with T.sblock("w4_lanes"):
                 vj, vl = T.axis.remap("SR", [j, l])
@@ -205,8 +223,8 @@ def _w4_gemm(k: int, n: int, group: int, dtype: str, m: int | None, qshape: tupl
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(x: T.Buffer((mm, k), dtype), qweight: T.Buffer(qshape, "uint32"),
-               scales: T.Buffer((n // rows, ng * rows), dtype), zeros: T.Buffer((n // rows, ng * rows), dtype),
-               y: T.Buffer((mm, n), dtype)):
+               scales: T.Buffer((n // rows, ng * rows), SCALE_DTYPE),
+               zeros: T.Buffer(zeros_shape(n // rows, ng * rows), "uint32"), y: T.Buffer((mm, n), dtype)):
         T.func_attr({"tirx.noalias": True})
         amax = T.sblock_alloc_buffer((mm, ng), "float32")
         xf = T.sblock_alloc_buffer((mm, k), "float32")
@@ -228,7 +246,7 @@ def _w4_gemm(k: int, n: int, group: int, dtype: str, m: int | None, qshape: tupl
                 vj, vg, vu, vl = T.axis.remap("SSSS", [j, g, u, l])
                 w[vj, vg * group + vu * lanes + vl] = (
                     T.Cast("float32", nibble(qweight, vj, vg * group + vu * lanes + vl))
-                    - T.Cast("float32", zeros[_il_scale_index(vj, vg, rows)])) * T.Cast(
+                    - _il_zero(zeros, vj, vg, rows)) * T.Cast(
                     "float32", scales[_il_scale_index(vj, vg, rows)])
         for i, j, kk in T.grid(mm, n, k):
             with T.sblock("w4_matmul"):

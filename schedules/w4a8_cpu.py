@@ -11,7 +11,8 @@ instruction multiplies 4 weight bytes by 4 activation bytes and sums them, in ev
 Lanes hold rows: word (c, r) of a tile carries columns 8c..8c+7 of row r (byte i: column 8c+i
 in the low nibble, 8c+4+i in the high one), so AND 0x0F and (>> 4) & 0x0F give two operands
 whose activation side is one broadcast of 4 int8 values. Per group and tile, the int32 sums of L
-rows convert to float once and take their scale with one vector FMA; the zero point is folded
+rows convert to float once and take their (float16) scale with one vector FMA; the 4-bit zero
+points of the tile's L rows come from L/8 words, one nibble per lane; the zero point is folded
 out:  y[n] = sum_g s[n,g] (dx_g sum_k xq_k q[n,k] - z[n,g] dx_g sum_k xq_k).
 
 The kernel is written directly as loops over vectors (TVMScript without blocks): the dot
@@ -26,7 +27,7 @@ from tvm.script import tirx as T
 
 from .layouts import DotLayout
 from .w4_cpu import GemmKnobs, _kernel_shape, schedule_gemm_interleaved
-from .w4_kernels import PACK, _check_dot
+from .w4_kernels import PACK, SCALE_DTYPE, ZEROS_PER_WORD, _check_dot, zeros_shape
 
 DOT_ISAS = ("vnni", "avx2")
 CHAINS = 4  # independent int32 accumulators per tile (the dot instruction's latency is ~4 cycles)
@@ -69,6 +70,16 @@ def w4a8_gemv(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc
     def row_vec(buf, row, start):
         return buf[row, T.ramp(start, 1, lanes)]
 
+    def zero_vec(zeros, t, g):  # the tile's `lanes` zero points of group g: words g*L/8 .. , one nibble per lane
+        per = lanes // ZEROS_PER_WORD
+        lane = T.ramp(0, 1, lanes)
+        words = T.broadcast(zeros[t, g * per], lanes)
+        for i in range(1, per):
+            words = T.Select(lane < T.broadcast(i * ZEROS_PER_WORD, lanes), words,
+                             T.broadcast(zeros[t, g * per + i], lanes))
+        shifts = T.Cast(f"uint32x{lanes}", (lane % T.broadcast(ZEROS_PER_WORD, lanes)) * T.broadcast(4, lanes))
+        return T.Cast(vf32, T.bitwise_and(T.shift_right(words, shifts), T.broadcast(T.uint32(15), lanes)))
+
     def chain_sum(iacc):
         total = vec(iacc, 0)
         for c in range(1, CHAINS):
@@ -83,8 +94,8 @@ def w4a8_gemv(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc
 
     @T.prim_func(private=True, s_tir=False)
     def kernel(x: T.Buffer((1, k), "float32"), qweight: T.Buffer((tiles, k // PACK * lanes), "uint32"),
-               scales: T.Buffer((tiles, ng * lanes), "float32"), zeros: T.Buffer((tiles, ng * lanes), "float32"),
-               y: T.Buffer((1, n), "float32")):
+               scales: T.Buffer((tiles, ng * lanes), SCALE_DTYPE),
+               zeros: T.Buffer(zeros_shape(tiles, ng * lanes), "uint32"), y: T.Buffer((1, n), "float32")):
         T.func_attr({"tirx.noalias": True})
         xq = T.decl_buffer((k,), "int8", scope="global")
         xq4 = T.decl_buffer((k // 4,), "uint32", data=xq.data)  # 4 int8 values per word, for broadcasts
@@ -126,10 +137,10 @@ def w4a8_gemv(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc
                     iacc[T.ramp(c1, 1, lanes)] = dot(vec(iacc, c1), high,
                                                      T.broadcast(xq4[(g * words + w) * 2 + 1], lanes))
                 total = T.meta_var(chain_sum(iacc))
-                s = T.meta_var(row_vec(scales, t, g * lanes))
+                s = T.meta_var(T.Cast(vf32, row_vec(scales, t, g * lanes)))
                 acc[T.ramp(0, 1, lanes)] = vec(acc, 0) + s * (
                     T.Cast(vf32, total) * T.broadcast(dx[g], lanes)
-                    - row_vec(zeros, t, g * lanes) * T.broadcast(xsum[g], lanes))
+                    - zero_vec(zeros, t, g) * T.broadcast(xsum[g], lanes))
             y[0, T.ramp(t * lanes, 1, lanes)] = vec(acc, 0)
 
     return kernel

@@ -176,7 +176,7 @@ def kernel_data(rows: int, k: int, n: int, group: int, dtype: str, layout, seed:
     """Kernel arguments (x, qweight, scales, zeros, y=0) and the float64 numpy reference of y."""
     rs = np.random.RandomState(seed)
     q = rs.randint(0, 16, size=(n, k)).astype(np.uint8)
-    scales = (rs.rand(n, k // group) * 0.02 + 0.005).astype(dtype)
+    scales = (rs.rand(n, k // group) * 0.02 + 0.005).astype(np.float16).astype(dtype)
     zeros = rs.randint(0, 16, size=(n, k // group)).astype(dtype)
     x = rs.randn(rows, k).astype(dtype)
     w = (q - np.repeat(zeros.astype(np.float64), group, 1)) * np.repeat(scales.astype(np.float64), group, 1)

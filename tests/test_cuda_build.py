@@ -25,7 +25,7 @@ from awqc.compiler.targets import TARGET_NAMES, UnknownTargetError, get_target
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.artifact import ArtifactError
 from awqc.schedules.cuda import host_helper_source, w4_gemm_f16, w4_gemv_f16
-from awqc.schedules.w4_kernels import pack_k8
+from awqc.schedules.layouts import K8
 
 from conftest import make_checkpoint
 
@@ -47,7 +47,7 @@ def int4_data(m: int, k: int, n: int, group: int, seed: int = 0) -> tuple[list[n
     s = (rng.random((n, k // group)) * 0.02 + 0.002).astype(np.float16)
     z = rng.integers(0, 16, (n, k // group)).astype(np.float16)
     x = rng.standard_normal((m, k)).astype(np.float16)
-    return [x, pack_k8(q), s, z], reference(x, q, s, z, group)
+    return [x, *K8.pack(q, s, z)], reference(x, q, s, z, group)
 
 
 # ------------------------------------------------------------------------------ device helpers

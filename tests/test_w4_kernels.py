@@ -7,7 +7,8 @@ import tvm
 
 from awqc.compiler.targets import get_target
 from awqc.schedules.w4_cpu import schedule_w4
-from awqc.schedules.w4_kernels import pack_k8, w4_matmul
+from awqc.schedules.layouts import K8
+from awqc.schedules.w4_kernels import w4_matmul
 
 
 def reference(x: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray, group: int) -> np.ndarray:
@@ -25,10 +26,10 @@ def test_scheduled_kernel_matches_numpy(k: int, n: int, group: int, rows: int | 
     rng = np.random.default_rng(k + n)
     m = rows or 13
     q = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    s = (rng.random((n, k // group)) * 0.02 + 0.001).astype(np.float32)
+    s = (rng.random((n, k // group)) * 0.02 + 0.001).astype(np.float16).astype(np.float32)
     z = rng.integers(0, 16, (n, k // group)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
-    lib(*[tvm.runtime.tensor(a) for a in (x, pack_k8(q), s, z)], out)
+    lib(*[tvm.runtime.tensor(a) for a in (x, *K8.pack(q, s, z))], out)
     ref = reference(x, q, s, z, group)
     assert np.abs(out.numpy() - ref).max() / np.abs(ref).max() < 1e-5

@@ -17,7 +17,8 @@ from awqc.compiler.targets import get_target
 from awqc.passes.quantizer import QuantizedWeights, QuantScheme
 from awqc.runtime.artifact import KNOWN_LAYOUTS
 from awqc.schedules import tuning
-from awqc.schedules.layouts import K8, InterleavedLayout, choose_layout, get_layout, layout_names
+from awqc.schedules.layouts import (DTYPES, K8, InterleavedLayout, choose_layout, get_layout, layout_names, pack_scales,
+                                   pack_zeros, unpack_zeros)
 from awqc.schedules.w4_cpu import GemmKnobs, GemvKnobs, cpu_scheduler
 
 LAYOUTS = [K8, InterleavedLayout(4, 4), InterleavedLayout(8, 8), InterleavedLayout(8, 1), InterleavedLayout(16, 2)]
@@ -26,7 +27,7 @@ LAYOUTS = [K8, InterleavedLayout(4, 4), InterleavedLayout(8, 8), InterleavedLayo
 def quantized(n: int, k: int, group: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    s = (rng.random((n, k // group)) * 0.02 + 0.001).astype(np.float32)
+    s = (rng.random((n, k // group)) * 0.02 + 0.001).astype(np.float16).astype(np.float32)
     z = rng.integers(0, 16, (n, k // group)).astype(np.float32)
     return q, s, z
 
@@ -37,7 +38,7 @@ def test_pack_unpack_round_trip(layout) -> None:
     q, s, z = quantized(32, 256, 32)
     packed = layout.pack(q, s, z)
     assert [a.shape for a in packed] == layout.shapes(32, 256, 32)
-    assert packed[0].dtype == np.uint32
+    assert [a.dtype.name for a in packed] == list(DTYPES)
     for got, want in zip(layout.unpack(*packed), (q, s, z)):
         np.testing.assert_array_equal(got, want)
 
@@ -50,10 +51,32 @@ def test_interleaved_by_hand() -> None:
     assert words.tolist() == [[0x76543210] * 8]
     q2 = np.stack([np.full(128, 1, np.uint8), np.full(128, 2, np.uint8)])
     s2 = np.array([[10, 11], [20, 21]], np.float32)
-    w2, s2p, _ = InterleavedLayout(8, 2).pack(q2, s2, s2)
+    w2, s2p, _ = InterleavedLayout(8, 2).pack(q2, s2, np.zeros_like(s2))
     assert w2.shape == (1, 32)
     assert w2[0, :8].tolist() == [0x11111111] * 8 and w2[0, 8:16].tolist() == [0x22222222] * 8
     assert s2p.tolist() == [[10, 20, 11, 21]]
+
+
+def test_zero_points_by_hand() -> None:
+    """Zero c of a row is nibble c % 8 of word c // 8; 9 groups (576 / 64) pad the second word."""
+    z = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 15], [0] * 8 + [9]], np.float32)
+    words = pack_zeros(z)
+    assert words.dtype == np.uint32 and words.tolist() == [[0x87654321, 0xF], [0, 9]]
+    np.testing.assert_array_equal(unpack_zeros(words, 9), z)
+    for bad in (np.array([[16.0]]), np.array([[-1.0]]), np.array([[2.5]])):
+        with pytest.raises(ValueError, match="integers in \\[0, 15\\]"):
+            pack_zeros(bad)
+    assert pack_scales(np.array([[0.5, 1e-3]], np.float32)).dtype == np.float16
+    with pytest.raises(ValueError, match="outside float16's range"):
+        pack_scales(np.array([[1e5]], np.float32))
+
+
+def test_bits_per_weight() -> None:
+    """4 bits per weight + a float16 scale and a 4-bit zero per group: 4.16 at g128, 4.31 at g64."""
+    for group, bpw in ((128, 4 + 20 / 128), (64, 4 + 20 / 64)):
+        for layout in LAYOUTS:
+            packed = layout.pack(*quantized(64, 1024, group))
+            assert sum(a.nbytes for a in packed) * 8 / (64 * 1024) == bpw
 
 
 def test_layout_names_match_the_runtimes() -> None:

@@ -40,7 +40,7 @@ def fake_quant_activations(x: np.ndarray, group: int) -> np.ndarray:
 def random_quantized(n: int, k: int, group: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 16, (n, k)).astype(np.uint8)
-    s = rng.uniform(0.01, 0.03, (n, k // group)).astype(np.float32)
+    s = rng.uniform(0.01, 0.03, (n, k // group)).astype(np.float16).astype(np.float32)
     z = rng.integers(0, 16, (n, k // group)).astype(np.float32)
     w = ((q.reshape(n, -1, group) - z[:, :, None]) * s[:, :, None]).reshape(n, k)
     return q, s, z, w
@@ -61,7 +61,8 @@ def test_dot_layout_by_hand() -> None:
     assert qweight.shape == (1, 8) and (qweight == 0x73625140).all()
     rng = np.random.default_rng(1)
     q = rng.integers(0, 16, (32, 192), dtype=np.uint8)
-    s, z = rng.random((32, 3), np.float32), rng.random((32, 3), np.float32)
+    s = rng.random((32, 3)).astype(np.float16).astype(np.float32)
+    z = rng.integers(0, 16, (32, 3)).astype(np.float32)
     for lanes in (8, 16):
         back = DotLayout(lanes).unpack(*DotLayout(lanes).pack(q, s, z))
         for a, b in zip(back, (q, s, z)):
