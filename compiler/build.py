@@ -99,7 +99,7 @@ def w4_backend(spec: TargetSpec, scheme: QuantScheme, shapes: Iterable[tuple[int
         if bad:
             raise QuantizationError(f"{scheme.name} needs every quantized weight's output size to be a "
                                     f"multiple of {layout.lanes}; these are not: {', '.join(bad)}")
-        return W4Backend(layout, dot_scheduler(layout, isa, record.gemm_knobs))
+        return W4Backend(layout, dot_scheduler(layout, isa))
     layout = choose_layout(get_layout(record.layout), shapes, scheme.group_size)
     return W4Backend(layout, cpu_scheduler(layout, record.gemv_knobs, record.gemm_knobs))
 

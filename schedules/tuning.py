@@ -210,11 +210,10 @@ def machine_name() -> str:
 def compile_kernel(spec, layout: Layout, k: int, n: int, group: int, rows: int | None,
                    gemv: GemvKnobs | None = None, gemm: GemmKnobs | None = None, dtype: str = "float32"):
     """One scheduled int4 kernel, built for `spec`, as a callable (x, qweight, scales, zeros, y)."""
-    gemm_knobs = (lambda *_: gemm) if gemm else None
-    if isinstance(layout, DotLayout):  # W4A8: the dot-product GEMV of the target's ISA
-        schedule = dot_scheduler(layout, dot_isa(spec.tvm_target), gemm_knobs)
+    if isinstance(layout, DotLayout):  # W4A8: the dot-product kernels of the target's ISA (no knobs)
+        schedule = dot_scheduler(layout, dot_isa(spec.tvm_target))
     else:
-        schedule = cpu_scheduler(layout, (lambda *_: gemv) if gemv else None, gemm_knobs)
+        schedule = cpu_scheduler(layout, (lambda *_: gemv) if gemv else None, (lambda *_: gemm) if gemm else None)
     func = schedule(layout.kernel(k, n, group, dtype, rows), group, rows).with_attr("global_symbol", "main")
     return tvm.compile(tvm.IRModule({"main": func}), target=spec.target())["main"]
 

@@ -1,4 +1,4 @@
-"""W4A8 decode GEMV for x86: int4 weights (layout "d{L}", schedules/layouts.py) times int8
+"""W4A8 decode GEMV and prefill GEMM for x86: int4 weights (layout "d{L}", schedules/layouts.py) times int8
 activations with integer dot-product instructions, the route llama.cpp's Q4_0 x Q8_0 takes.
 
 Why: the W4A16 GEMV (w4_cpu.py) spends an AND, an int->float convert and an FMA per L weights
@@ -15,22 +15,27 @@ rows convert to float once and take their (float16) scale with one vector FMA; t
 points of the tile's L rows come from L/8 words, one nibble per lane; the zero point is folded
 out:  y[n] = sum_g s[n,g] (dx_g sum_k xq_k q[n,k] - z[n,g] dx_g sum_k xq_k).
 
-The kernel is written directly as loops over vectors (TVMScript without blocks): the dot
+The GEMM (prefill) is the same loop with GEMM_ROWS activation rows per unpacked weight word: the
+AND/shift of a word is paid once and feeds 2 x GEMM_ROWS dot products into 8 independent
+accumulators. Rows are padded to GEMM_ROWS with zero activations (never stored), and taken in
+chunks whose int8 copy (chunk x K bytes) stays in L2 while every weight tile passes over it.
+
+The kernels are written directly as loops over vectors (TVMScript without blocks): the dot
 instructions have no scalar form for a schedule to vectorize.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 from tvm import tirx
 from tvm.script import tirx as T
 
 from .layouts import DotLayout
-from .w4_cpu import GemmKnobs, _kernel_shape, schedule_gemm_interleaved
+from .w4_cpu import _kernel_shape
 from .w4_kernels import PACK, SCALE_DTYPE, ZEROS_PER_WORD, _check_dot, zeros_shape
 
 DOT_ISAS = ("vnni", "avx2")
 CHAINS = 4  # independent int32 accumulators per tile (the dot instruction's latency is ~4 cycles)
+GEMM_ROWS = 4  # activation rows per weight unpack in the GEMM (x 2 chains: 8 accumulators)
+GEMM_CHUNK_BYTES = 128 << 10
 _LOW_NIBBLES = 0x0F0F0F0F
 
 
@@ -47,14 +52,8 @@ def dot_isa(tvm_target: dict) -> str | None:
     return None
 
 
-def w4a8_gemv(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc:
-    """Decode GEMV y[1, N] = fq(x)[1, K] @ w[N, K]^T, float32 in and out (see module doc)."""
-    _check_dot(k, n, group, lanes)
-    if isa not in DOT_ISAS:
-        raise ValueError(f"unknown dot-product ISA {isa!r}; known: {', '.join(DOT_ISAS)}")
-    if isa == "avx2" and lanes != 8:
-        raise ValueError("the AVX2 dot product works on 256-bit vectors: layout d8")
-    ng, words, tiles = k // group, group // PACK, n // lanes
+def _vector_ops(lanes: int, isa: str):
+    """The vector expressions both kernels build from: (dot, vec, row_vec, zero_vec, chain_sum)."""
     vi32, vf32 = f"int32x{lanes}", f"float32x{lanes}"
 
     def dot(acc, q, xq):  # acc[r] += sum of 4 byte products of q[r] and xq[r]
@@ -80,84 +79,133 @@ def w4a8_gemv(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc
         shifts = T.Cast(f"uint32x{lanes}", (lane % T.broadcast(ZEROS_PER_WORD, lanes)) * T.broadcast(4, lanes))
         return T.Cast(vf32, T.bitwise_and(T.shift_right(words, shifts), T.broadcast(T.uint32(15), lanes)))
 
-    def chain_sum(iacc):
-        total = vec(iacc, 0)
-        for c in range(1, CHAINS):
-            total = total + vec(iacc, c * lanes)
+    def chain_sum(iacc, chains=CHAINS, first=0):
+        total = vec(iacc, first * lanes)
+        for c in range(1, chains):
+            total = total + vec(iacc, (first + c) * lanes)
         return total
 
-    def hmax8(v):
-        return T.max(T.max(T.max(v[0], v[1]), T.max(v[2], v[3])), T.max(T.max(v[4], v[5]), T.max(v[6], v[7])))
+    return dot, vec, row_vec, zero_vec, chain_sum
 
-    def hsum8(v):
-        return v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7]
+
+def _hmax8(v):
+    return T.max(T.max(T.max(v[0], v[1]), T.max(v[2], v[3])), T.max(T.max(v[4], v[5]), T.max(v[6], v[7])))
+
+
+def _hsum8(v):
+    return v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7]
+
+
+def w4a8_gemv(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc:
+    """Decode GEMV y[1, N] = fq(x)[1, K] @ w[N, K]^T, float32 in and out (see module doc)."""
+    return _w4a8_matmul(k, n, group, lanes, isa, 1)
+
+
+def w4a8_gemm(k: int, n: int, group: int, lanes: int, isa: str) -> tirx.PrimFunc:
+    """Prefill GEMM y[M, N] = fq(x)[M, K] @ w[N, K]^T for a dynamic number of rows M: each tile's
+    weights are unpacked once per GEMM_ROWS activation rows and feed that many dot products."""
+    return _w4a8_matmul(k, n, group, lanes, isa, None)
+
+
+def _w4a8_matmul(k: int, n: int, group: int, lanes: int, isa: str, rows: int | None) -> tirx.PrimFunc:
+    """rows=1: the GEMV (x is one row; CHAINS accumulator chains); rows=None: the GEMM (rows padded
+    to GEMM_ROWS with zero activations; two chains per row, low and high nibbles)."""
+    _check_dot(k, n, group, lanes)
+    if isa not in DOT_ISAS:
+        raise ValueError(f"unknown dot-product ISA {isa!r}; known: {', '.join(DOT_ISAS)}")
+    if isa == "avx2" and lanes != 8:
+        raise ValueError("the AVX2 dot product works on 256-bit vectors: layout d8")
+    ng, words, tiles, kw4 = k // group, group // PACK, n // lanes, k // 4
+    vf32 = f"float32x{lanes}"
+    mr = 1 if rows == 1 else GEMM_ROWS
+    per_row = CHAINS if rows == 1 else 2  # int32 accumulator chains per activation row
+    m = 1 if rows == 1 else tirx.Var("m", "int64")
+    mp = 1 if rows == 1 else (m + mr - 1) // mr * mr
+    row_loop = T.serial if rows == 1 else T.parallel
+    # rows per chunk: the chunk's int8 activations (chunk x K bytes) stay in L2 while every tile
+    # of weights passes over them
+    chunk = 1 if rows == 1 else max(mr, GEMM_CHUNK_BYTES // k // mr * mr)
+    dot, vec, row_vec, zero_vec, chain_sum = _vector_ops(lanes, isa)
 
     @T.prim_func(private=True, s_tir=False)
-    def kernel(x: T.Buffer((1, k), "float32"), qweight: T.Buffer((tiles, k // PACK * lanes), "uint32"),
+    def kernel(x: T.Buffer((m, k), "float32"), qweight: T.Buffer((tiles, k // PACK * lanes), "uint32"),
                scales: T.Buffer((tiles, ng * lanes), SCALE_DTYPE),
-               zeros: T.Buffer(zeros_shape(tiles, ng * lanes), "uint32"), y: T.Buffer((1, n), "float32")):
+               zeros: T.Buffer(zeros_shape(tiles, ng * lanes), "uint32"), y: T.Buffer((m, n), "float32")):
         T.func_attr({"tirx.noalias": True})
-        xq = T.decl_buffer((k,), "int8", scope="global")
-        xq4 = T.decl_buffer((k // 4,), "uint32", data=xq.data)  # 4 int8 values per word, for broadcasts
-        dx = T.decl_buffer((ng,), "float32", scope="global")
-        xsum = T.decl_buffer((ng,), "float32", scope="global")  # dx_g * sum_k xq_k
-        for g in range(ng):  # O(K) once per call: round x to int8 per group
-            amax = T.decl_buffer((8,), "float32", scope="global")
-            isum = T.decl_buffer((8,), "int32", scope="global")
-            amax[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
-            isum[T.ramp(0, 1, 8)] = T.broadcast(0, 8)
-            for w in range(words):
-                amax[T.ramp(0, 1, 8)] = T.max(amax[T.ramp(0, 1, 8)], T.fabs(x[0, T.ramp(g * group + w * 8, 1, 8)]))
-            m: T.let[T.float32] = hmax8(amax)
-            inv: T.let[T.float32] = T.Select(m > T.float32(0), T.float32(127) / m, T.float32(0))
-            dx[g] = m / T.float32(127)
-            for w in range(words):
-                v: T.let[T.int32x8] = T.Cast("int32x8", T.nearbyint(
-                    x[0, T.ramp(g * group + w * 8, 1, 8)] * T.broadcast(inv, 8)))
-                xq[T.ramp(g * group + w * 8, 1, 8)] = T.Cast("int8x8", v)
-                isum[T.ramp(0, 1, 8)] = isum[T.ramp(0, 1, 8)] + v
-            xsum[g] = dx[g] * T.Cast("float32", hsum8(isum))
-        for t in T.parallel(tiles):  # each thread: a contiguous range of tiles, one weight stream
-            # "global"-scoped so they become stack arrays (LLVM keeps them in registers); a
-            # "local" allocation here would be a heap workspace per tile.
-            acc = T.decl_buffer((lanes,), "float32", scope="global")
-            iacc = T.decl_buffer((CHAINS * lanes,), "int32", scope="global")
-            acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+        xq = T.decl_buffer((mp * k,), "int8", scope="global")
+        xq4 = T.decl_buffer((mp * kw4,), "uint32", data=xq.data)  # 4 int8 values per word, for broadcasts
+        dx = T.decl_buffer((mp * ng,), "float32", scope="global")
+        xsum = T.decl_buffer((mp * ng,), "float32", scope="global")  # dx_g * sum_k xq_k
+        for r in row_loop(mp):  # O(M K) once per call: round x to int8 per row and group
             for g in range(ng):
-                for c in T.unroll(CHAINS):
-                    iacc[T.ramp(c * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                for w in T.unroll(words):
-                    word = T.meta_var(row_vec(qweight, t, (g * words + w) * lanes))
-                    low = T.meta_var(T.bitwise_and(word, T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
-                    high = T.meta_var(T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(4), lanes)),
-                                                    T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
-                    c0: T.let[T.int32] = (2 * w) % CHAINS * lanes
-                    c1: T.let[T.int32] = (2 * w + 1) % CHAINS * lanes
-                    iacc[T.ramp(c0, 1, lanes)] = dot(vec(iacc, c0), low, T.broadcast(xq4[(g * words + w) * 2], lanes))
-                    iacc[T.ramp(c1, 1, lanes)] = dot(vec(iacc, c1), high,
-                                                     T.broadcast(xq4[(g * words + w) * 2 + 1], lanes))
-                total = T.meta_var(chain_sum(iacc))
-                s = T.meta_var(T.Cast(vf32, row_vec(scales, t, g * lanes)))
-                acc[T.ramp(0, 1, lanes)] = vec(acc, 0) + s * (
-                    T.Cast(vf32, total) * T.broadcast(dx[g], lanes)
-                    - zero_vec(zeros, t, g) * T.broadcast(xsum[g], lanes))
-            y[0, T.ramp(t * lanes, 1, lanes)] = vec(acc, 0)
+                amax = T.decl_buffer((8,), "float32", scope="global")
+                isum = T.decl_buffer((8,), "int32", scope="global")
+                amax[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+                isum[T.ramp(0, 1, 8)] = T.broadcast(0, 8)
+                if r < m:  # padding rows stay zero: their products are zero and never stored
+                    for w in range(words):
+                        amax[T.ramp(0, 1, 8)] = T.max(amax[T.ramp(0, 1, 8)],
+                                                      T.fabs(x[r, T.ramp(g * group + w * 8, 1, 8)]))
+                big: T.let[T.float32] = _hmax8(amax)
+                inv: T.let[T.float32] = T.Select(big > T.float32(0), T.float32(127) / big, T.float32(0))
+                dx[r * ng + g] = big / T.float32(127)
+                for w in range(words):
+                    v: T.let[T.int32x8] = T.Cast("int32x8", T.nearbyint(
+                        x[T.min(r, m - 1), T.ramp(g * group + w * 8, 1, 8)] * T.broadcast(inv, 8)))
+                    xq[T.ramp(r * k + g * group + w * 8, 1, 8)] = T.Cast("int8x8", v)
+                    isum[T.ramp(0, 1, 8)] = isum[T.ramp(0, 1, 8)] + v
+                xsum[r * ng + g] = dx[r * ng + g] * T.Cast("float32", _hsum8(isum))
+        for rc in range((mp + chunk - 1) // chunk):  # row chunks whose int8 rows stay in L2
+            for t in T.parallel(tiles):  # each thread: a contiguous range of tiles, one weight stream
+                # "global"-scoped so they become stack arrays (LLVM keeps them in registers); a
+                # "local" allocation here would be a heap workspace per tile.
+                acc = T.decl_buffer((mr * lanes,), "float32", scope="global")
+                iacc = T.decl_buffer((mr * per_row * lanes,), "int32", scope="global")
+                for rbi in range(chunk // mr):
+                    rb = T.meta_var(rc * (chunk // mr) + rbi)
+                    if rb < mp // mr:
+                        for i in T.unroll(mr):
+                            acc[T.ramp(i * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                        for g in range(ng):
+                            for c in T.unroll(mr * per_row):
+                                iacc[T.ramp(c * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                            for w in T.unroll(words):
+                                word = T.meta_var(row_vec(qweight, t, (g * words + w) * lanes))
+                                low = T.meta_var(T.bitwise_and(word, T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
+                                high = T.meta_var(T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(4), lanes)),
+                                                                T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
+                                for i in T.unroll(mr):
+                                    c0 = T.meta_var((i * per_row + (2 * w) % per_row) * lanes)
+                                    c1 = T.meta_var((i * per_row + (2 * w + 1) % per_row) * lanes)
+                                    at = T.meta_var((rb * mr + i) * kw4 + (g * words + w) * 2)
+                                    iacc[T.ramp(c0, 1, lanes)] = dot(vec(iacc, c0), low, T.broadcast(xq4[at], lanes))
+                                    iacc[T.ramp(c1, 1, lanes)] = dot(vec(iacc, c1), high,
+                                                                     T.broadcast(xq4[at + 1], lanes))
+                            s = T.meta_var(T.Cast(vf32, row_vec(scales, t, g * lanes)))
+                            z = T.meta_var(zero_vec(zeros, t, g))
+                            for i in T.unroll(mr):
+                                total = T.meta_var(chain_sum(iacc, per_row, i * per_row))
+                                acc[T.ramp(i * lanes, 1, lanes)] = vec(acc, i * lanes) + s * (
+                                    T.Cast(vf32, total) * T.broadcast(dx[(rb * mr + i) * ng + g], lanes)
+                                    - z * T.broadcast(xsum[(rb * mr + i) * ng + g], lanes))
+                        for i in T.unroll(mr):
+                            if rb * mr + i < m:
+                                y[rb * mr + i, T.ramp(t * lanes, 1, lanes)] = vec(acc, i * lanes)
 
     return kernel
 
 
-def dot_scheduler(layout: DotLayout, isa: str, gemm: Callable[[int, int], GemmKnobs] | None = None):
-    """The int4 kernel scheduler for quantize_linear with layout d{L}: decode gets the W4A8 GEMV
-    for `isa`, prefill the shared GEMM schedule (w4_cpu.py) over the same activation rounding."""
-    gemm = gemm or (lambda k, n: GemmKnobs())
+def dot_scheduler(layout: DotLayout, isa: str):
+    """The int4 kernel scheduler for quantize_linear with layout d{L}: the W4A8 GEMV for decode
+    and the W4A8 GEMM for prefill, both on `isa`'s integer dot product."""
 
     def schedule(func: tirx.PrimFunc, group: int, rows: int | None) -> tirx.PrimFunc:
         k, n = _kernel_shape(func)
+        dtype = func.params[0].dtype
+        if dtype != "float32":
+            raise ValueError(f"W4A8 kernels take float32 activations, not {dtype}; compile with --dtype float32")
         if rows == 1:
-            dtype = func.params[0].dtype
-            if dtype != "float32":
-                raise ValueError(f"W4A8 kernels take float32 activations, not {dtype}; compile with --dtype float32")
             return w4a8_gemv(k, n, group, layout.lanes, isa)
-        return schedule_gemm_interleaved(func, gemm(k, n))
+        return w4a8_gemm(k, n, group, layout.lanes, isa)
 
     return schedule

@@ -19,7 +19,7 @@ from awqc.passes.quantizer import QuantizationError, QuantScheme
 from awqc.runtime.engine import Engine
 from awqc.schedules.layouts import DotLayout, get_layout
 from awqc.schedules.w4_kernels import w4_gemm_dot
-from awqc.schedules.w4a8_cpu import dot_isa, dot_scheduler, w4a8_gemv
+from awqc.schedules.w4a8_cpu import dot_isa, dot_scheduler, w4a8_gemm, w4a8_gemv
 
 from conftest import make_checkpoint, rel_err
 
@@ -92,15 +92,33 @@ def test_avx2_refuses_512_bit_layout() -> None:
         w4a8_gemv(256, 32, 64, 16, "avx2")
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_prefill_gemm_matches_numpy(rows: int) -> None:
-    k, n, group = 576, 96, 64
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k,rows", [(576, 1), (576, 5), (4096, 70)])  # 4096: rows in 3 chunks (GEMM_CHUNK_BYTES)
+def test_prefill_gemm_matches_numpy(isa: str, k: int, rows: int) -> None:
+    n, group, lanes = 96, 64, 8
     q, s, z, w = random_quantized(n, k, group, seed=3)
     x = np.random.default_rng(4).standard_normal((rows, k)).astype(np.float32)
-    schedule = dot_scheduler(DotLayout(8), ISAS[-1])
-    func = schedule(w4_gemm_dot(k, n, group, "float32", 8, None), group, None)  # dynamic rows
-    y = run(func, x, *DotLayout(8).pack(q, s, z), out_shape=(rows, n))
+    zero_row = rows // 2 if rows > 1 else None
+    if zero_row is not None:
+        x[zero_row] = 0  # a row with no magnitude: scale 0, output 0
+    schedule = dot_scheduler(DotLayout(lanes), isa)
+    func = schedule(w4_gemm_dot(k, n, group, "float32", lanes, None), group, None)  # dynamic rows
+    y = run(func, x, *DotLayout(lanes).pack(q, s, z), out_shape=(rows, n))
     assert rel_err(y, fake_quant_activations(x, group) @ w.T) < 1e-5
+    if zero_row is not None:
+        assert not y[zero_row].any()
+
+
+@pytest.mark.parametrize("isa,intrinsic", [("vnni", "llvm.x86.avx512.vpdpbusd.256"),
+                                           ("avx2", "llvm.x86.avx2.pmadd.ub.sw")])
+def test_prefill_gemm_is_the_integer_kernel(isa: str, intrinsic: str) -> None:
+    """The GEMM multiplies int8 by int4 with the ISA's dot product (compiled, not run: the code is
+    checked on CPUs without VNNI too), not a float schedule."""
+    func = w4a8_gemm(576, 96, 64, 8, isa).with_attr("global_symbol", "main")
+    target = tvm.target.Target({**HOST, "mcpu": "x86-64-v4" if isa == "vnni" else "x86-64-v3",
+                                "mattr": ["+avx512vnni"] if isa == "vnni" else []})
+    ll = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("ll")
+    assert intrinsic in ll
 
 
 def hooked_reference(ckpt: Path, quant, group: int) -> torch.nn.Module:
