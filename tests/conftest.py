@@ -96,3 +96,27 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> 
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+# What awqc's runtime needs besides TVM (runtime/ imports; markupsafe is jinja2's).
+RUNTIME_DEPS = ("numpy", "numpy.libs", "tokenizers", "jinja2", "markupsafe")
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The python of a virtual environment with numpy, tokenizers and jinja2 only: no TVM, no
+    tvm-ffi, no awqc, no torch (the packages are linked from this environment: no network)."""
+    import venv
+
+    root = tmp_path_factory.mktemp("bare-venv")
+    venv.create(root, with_pip=False)
+    site = next(root.glob("lib/python3*/site-packages"))
+    installed = Path(np.__file__).parents[1]
+    for name in RUNTIME_DEPS:
+        (site / name).symlink_to(installed / name)
+    return root / "bin" / "python"
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without PYTHONPATH, PYTHONHOME and TVM_* (for bare_python runs)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith("TVM_")}

@@ -19,6 +19,7 @@ import pytest
 import tvm
 
 from awqc.compiler.build import write_artifact
+from awqc.compiler.bundle import make_bundle
 from awqc.compiler.awq import quantize_model
 from awqc.compiler.model_import import load_model
 from awqc.compiler.targets import get_target
@@ -154,6 +155,24 @@ def test_int4_model_under_qemu_matches_x86(runner: Path, arm_and_host: tuple[Pat
     arm_logits = np.fromfile(logits_bin, np.float32).reshape(ref_logits.shape)
     assert rel_err(arm_logits, ref_logits) < 1e-4
     assert arm_next == [int(x.argmax()) for x in ref_logits]
+
+
+def test_aarch64_bundle_runs_under_qemu(arm_and_host: tuple[Path, Path], tmp_path: Path) -> None:
+    """`awqc bundle` of an arm-neon artifact: the C++ runner and the aarch64 TVM runtime beside the
+    artifact, no Python entry without a tvm-ffi wheel for the device; it gives the x86 engine's tokens."""
+    arm, host = arm_and_host
+    bundle = tmp_path / "bundle"
+    record = make_bundle(arm, bundle)
+    assert record["python"] is None and not (bundle / "python").exists()
+    assert elf_machine(bundle / "bin" / "lib" / "libtvm_runtime.so") == EM_AARCH64
+    prompt = [9, 31, 77, 200]
+    out = qemu_ok(bundle / "bin" / "awqc_runner", bundle / "artifact", "--prompt", ids_arg(prompt), "--greedy", "4")
+    got = [int(t) for t in re.search(r"^next:(.*)$", out, re.M).group(1).split()]
+    engine = Engine(host)
+    want = [int(engine.prefill(prompt).argmax())]
+    for _ in range(4):
+        want.append(int(engine.decode(want[-1]).argmax()))
+    assert got == want
 
 
 def test_runner_refuses_host_artifact(runner: Path, arm_and_host: tuple[Path, Path]) -> None:

@@ -27,7 +27,7 @@ from awqc.runtime.artifact import ArtifactError
 from awqc.schedules.cuda import host_helper_source, w4_gemm_f16, w4_gemv_f16
 from awqc.schedules.layouts import K8
 
-from conftest import make_checkpoint
+from conftest import clean_env, make_checkpoint
 
 CUDA_TARGETS = [n for n in TARGET_NAMES if n.startswith(("cuda-", "jetson-"))]
 FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # 0xBA55ED50, little-endian
@@ -289,3 +289,22 @@ def test_default_model_cuda_artifact(default_cuda_artifacts: dict[str, Path], ta
         for kind in ("gemv", "gemm"):
             u = usage[f"w4_{kind}_{k}x{n}_g64_kernel"]
             assert u["registers"] <= 255 and u["spill"] == 0
+
+
+def test_cuda_bundle_has_the_cuda_runtime(tiny_cuda_artifacts: dict[str, Path], tmp_path: Path,
+                                          bare_python: Path) -> None:
+    """A CUDA artifact's bundle carries libtvm_runtime_cuda and no C++ runner (it drives CPUs only);
+    its Python entry, with no TVM installed, loads the artifact up to the device check."""
+    from awqc.compiler.bundle import BundleError, make_bundle
+
+    record = make_bundle(tiny_cuda_artifacts["cuda-sm90"], tmp_path / "b")
+    assert (tmp_path / "b" / "python" / "tvm" / "lib" / "libtvm_runtime_cuda.so").is_file()
+    assert not (tmp_path / "b" / "bin").exists() and record["device"] == "cuda"
+    proc = subprocess.run([tmp_path / "b" / "awqc", "run", tmp_path / "b" / "artifact", "--prompt", "hi"],
+                          capture_output=True, text=True, env={**clean_env(), "PYTHON": str(bare_python)})
+    if tvm.cuda(0).exist:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 2 and "no CUDA device is available" in proc.stderr, proc.stderr
+    with pytest.raises(BundleError, match="only the Python entry can run it: pass --tvm-ffi-wheel"):
+        make_bundle(tiny_cuda_artifacts["jetson-orin-nano"], tmp_path / "jetson")
