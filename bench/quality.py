@@ -1,6 +1,7 @@
 """Quality of 4-bit quantization on the default model (SmolLM2-135M-Instruct): perplexity of float,
-round-to-nearest, AWQ (scale search only) and AWQ (scale + clip search) at w4 g64 and g32, with the
-search time (calibration + search); prints a markdown table.
+round-to-nearest, AWQ (scale search only), AWQ (scale + clip search) and AWQ + GPTQ rounding
+(passes/gptq.py) at w4 g64 and g32, with the search time (calibration + search); prints a markdown
+table.
 
     python bench/quality.py                      # 40 windows x 512 tokens, 128 x 512 calibration
     python bench/quality.py --windows 20 --group-sizes 64
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                                       args.calib_stats)
     settings = QualitySettings(None, args.windows, args.window_len, calibration)
     run = QualityRun(model, settings)
-    rows = run.compare(["float", "rtn", "awq-scale", "awq"], [QuantScheme(group_size=g) for g in args.group_sizes])
+    rows = run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"],
+                       [QuantScheme(group_size=g) for g in args.group_sizes])
     for r in rows:
         r["search s"] = None if r["search s"] is None else round(r["search s"])
     print(format_table(rows))

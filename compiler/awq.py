@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from awqc.passes.awq_clip import search_clip
+from awqc.passes.gptq import gptq_quantize
 from awqc.passes.awq_scale import (ScaleResult, ScalingGroup, apply_scales, attention_qk_rows, check_finite_weights,
                                    column_scales, find_scaling_groups, search_scales)
 from awqc.passes.quantizer import QuantizedWeights, QuantScheme, is_quantized_linear, quantize, rtn_quantize
@@ -28,7 +29,7 @@ from .config import ModelConfig
 from .model_import import ImportedModel, expected_shapes, weight_parts
 from .targets import get_target
 
-METHODS = ("float", "rtn", "awq", "awq-scale")
+AWQ_METHODS = ("awq", "awq+gptq")  # compile methods that calibrate
 
 # AutoAWQ's default scaling (s_x^α / s_w^(1-α)). On the default model (w4g64, same statistics) it
 # gives perplexity 14.856 against 14.913 for the paper's s_x^α (session 5, README).
@@ -52,6 +53,15 @@ class AWQResult:
 def quantize_weights(weights: dict[str, torch.Tensor], names: list[str], scheme: QuantScheme,
                      clips: dict[str, torch.Tensor]) -> QuantizedWeights:
     q = {n: quantize(weights[n], scheme, clips.get(n)) for n in names}
+    return QuantizedWeights(scheme, q, {n: w for n, w in weights.items() if n not in q})
+
+
+def gptq_weights(weights: dict[str, torch.Tensor], names: list[str], scheme: QuantScheme,
+                 clips: dict[str, torch.Tensor], stats: Any, col_scales: Mapping[str, torch.Tensor]) -> QuantizedWeights:
+    """quantize_weights with error-compensated rounding for every linear that has input
+    statistics (the others round to nearest)."""
+    q = {n: (gptq_quantize(weights[n], stats.of(n).moment.dense(), scheme, clips.get(n), col_scales.get(n))
+             if n in stats else quantize(weights[n], scheme, clips.get(n))) for n in names}
     return QuantizedWeights(scheme, q, {n: w for n, w in weights.items() if n not in q})
 
 
@@ -89,26 +99,29 @@ def _score_function(model: ImportedModel):
 
 def awq_block(weights: Mapping[str, torch.Tensor], names: list[str], groups: list[ScalingGroup],
               qk_rows: Mapping[str, Any], stats: Any, scheme: QuantScheme, clip: bool = True,
-              progress: bool = False, duo_scaling: bool = DUO_SCALING) -> AWQResult:
+              progress: bool = False, duo_scaling: bool = DUO_SCALING, gptq: bool = False) -> AWQResult:
     """AWQ on a set of weights (one block, or a whole small model): search and fold the scales
-    of `groups`, search the clipping of `names`, quantize `names`."""
+    of `groups`, search the clipping of `names`, quantize `names` (to nearest, or with `gptq`
+    error-compensated rounding on the same grid: passes/gptq.py)."""
     t0 = time.perf_counter()
     quantized: Callable[[str], bool] = set(names).__contains__
     results = search_scales(groups, weights, stats, scheme, quantized, progress=progress, duo=duo_scaling)
     scaled = apply_scales(weights, groups, results)
     t1 = time.perf_counter()
     clips: dict[str, torch.Tensor] = {}
+    col_scales = column_scales(weights, groups, results)
     if clip:
-        clips = search_clip(scaled, names, stats, scheme, column_scales(weights, groups, results), qk_rows,
-                            progress=progress)
+        clips = search_clip(scaled, names, stats, scheme, col_scales, qk_rows, progress=progress)
     t2 = time.perf_counter()
-    qw = quantize_weights(scaled, names, scheme, clips)
+    qw = (gptq_weights(scaled, names, scheme, clips, stats, col_scales) if gptq
+          else quantize_weights(scaled, names, scheme, clips))
     t3 = time.perf_counter()
     return AWQResult(qw, groups, results, clips, scaled, {"scale": t1 - t0, "clip": t2 - t1, "quantize": t3 - t2})
 
 
 def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationStats, clip: bool = True,
-                 quantize_head: bool = False, progress: bool = True, duo_scaling: bool = DUO_SCALING) -> AWQResult:
+                 quantize_head: bool = False, progress: bool = True, duo_scaling: bool = DUO_SCALING,
+                 gptq: bool = False) -> AWQResult:
     """AWQ on the whole model at once: find the scaling groups in the model's graph, search and
     fold their scales, search clipping ranges, quantize every linear weight."""
     weights = torch_weights(model)
@@ -117,7 +130,7 @@ def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationSt
     func, param_names = _score_function(model)
     groups = find_scaling_groups(func, param_names)
     return awq_block(weights, names, groups, attention_qk_rows(func, param_names), stats, scheme, clip, progress,
-                     duo_scaling)
+                     duo_scaling, gptq)
 
 
 def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: list[str],
@@ -135,7 +148,7 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
     head_searched = quant.quantize_head and not cfg.tie_word_embeddings
     calibration = groups = qk_rows = None
     searched: dict[str, float] = {}
-    if quant.method == "awq":
+    if quant.method in AWQ_METHODS:
         groups = find_scaling_groups(func, param_names)
         qk_rows = attention_qk_rows(func, param_names)
         calibration = Calibration(model, quant.calibration, head_searched)
@@ -151,7 +164,7 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
             else:
                 stats = calibration.head(weights["norm.weight"]) if key == "head" else calibration.block(key, weights)
                 result = awq_block(weights, targets, [g for g in groups if g.producer in weights], qk_rows, stats,
-                                   scheme, progress=False)
+                                   scheme, progress=False, gptq=quant.method == "awq+gptq")
                 for phase, sec in result.seconds.items():
                     searched[phase] = searched.get(phase, 0.0) + sec
                 part = result.weights
@@ -185,7 +198,7 @@ def rtn(model: ImportedModel, scheme: QuantScheme, quantize_head: bool = False) 
 def quantize_model(model: ImportedModel, method: str, scheme: QuantScheme, quantize_head: bool = False,
                    stats: CalibrationStats | None = None) -> QuantizedWeights:
     """The whole model's quantized weights in memory (tests and small models): round to nearest,
-    or AWQ from calibration `stats`. A tied head quantized with `quantize_head` gets its own
+    or AWQ (method "awq" or "awq+gptq") from calibration `stats`. A tied head quantized with `quantize_head` gets its own
     copy, rounded to nearest (the embedding stays float)."""
     weights = torch_weights(model)
     tied_head = quantize_head and "lm_head.weight" not in weights
@@ -193,7 +206,8 @@ def quantize_model(model: ImportedModel, method: str, scheme: QuantScheme, quant
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     if method == "rtn":
         return rtn_quantize(weights, scheme, quantize_head)
-    result = awq_quantize(model, scheme, stats, clip=True, quantize_head=quantize_head).weights
+    result = awq_quantize(model, scheme, stats, clip=True, quantize_head=quantize_head,
+                          gptq=method == "awq+gptq").weights
     if not tied_head:
         return result
     head = {"lm_head.weight": quantize(weights["lm_head.weight"], scheme)}

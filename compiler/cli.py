@@ -40,8 +40,9 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt + generation the artifact serves (default: the model's, at most 4096)")
     p.add_argument("--quant", default="none",
                    help="weight quantization: none (float), or METHOD-wBITSgGROUP[-sym] with METHOD rtn "
-                        "(round to nearest) or awq (activation-aware: scale + clip search on the calibration "
-                        "text), e.g. awq-w4g64; linears then run as int4 kernels")
+                        "(round to nearest), awq (activation-aware: scale + clip search on the calibration "
+                        "text) or awq+gptq (AWQ, then error-compensated rounding on AWQ's grid), e.g. awq-w4g64; "
+                        "linears then run as int4 kernels")
     p.add_argument("--quantize-head", action="store_true",
                    help="also quantize the LM head (a tied head gets its own int4 copy, round-to-nearest; "
                         "the embedding stays float)")
@@ -111,7 +112,7 @@ def calibration_settings(args: argparse.Namespace):
                                args.calib_stats, args.calib_device)
 
 
-QUANT_METHODS = ("rtn", "awq")
+QUANT_METHODS = ("rtn", "awq", "awq+gptq")
 DEFAULT_MAX_CONTEXT = 4096
 
 
@@ -159,7 +160,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="also the KL divergence of ARTIFACT's next-token distributions from BASE_ARTIFACT's "
                         "(the float one) and how often both rank the same token first")
     p.add_argument("--model", help="checkpoint directory, .gguf, 'default', or an AutoAWQ GEMM checkpoint")
-    p.add_argument("--method", default="float", choices=["float", "rtn", "awq-scale", "awq"],
+    p.add_argument("--method", default="float", choices=["float", "rtn", "awq-scale", "awq", "awq+gptq"],
                    help="weights to evaluate with --model (default float; awq = scale + clip search)")
     p.add_argument("--quant", default="w4g64", help="quantization: w4g128, w4g64, w4g32, suffix -sym (default w4g64)")
     p.add_argument("--compare", action="store_true", help="float, RTN, AWQ(scale) and AWQ(scale+clip) side by side")
@@ -224,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = QualityRun(model, settings)
     if args.compare:
         schemes = [QuantScheme(scheme.bits, g, scheme.symmetric) for g in (args.group_sizes or [scheme.group_size])]
-        rows = run.compare(["float", "rtn", "awq-scale", "awq"], schemes)
+        rows = run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"], schemes)
     else:
         res, search = run.perplexity(args.method, scheme)
         rows = [{"method": args.method, "quant": "–" if args.method == "float" else scheme.name,

@@ -212,22 +212,29 @@ class QualityRun:
 
     def weights(self, method: str, scheme: Any) -> tuple[dict[str, Any] | None, float | None]:
         """The (dequantized) weights of a method and the search time it took (None: no search)."""
-        from .awq import awq_quantize, rtn
+        from .awq import awq_quantize, gptq_weights, rtn, torch_weights
+        from awqc.passes.awq_scale import column_scales
 
         if method == "float":
             return None, None
         if method == "rtn":
             return rtn(self.model, scheme, self.s.quantize_head).dequantized(), None
-        if method not in ("awq", "awq-scale"):
-            raise ValueError(f"unknown method {method!r}; choose float, rtn, awq-scale or awq")
+        if method not in ("awq", "awq-scale", "awq+gptq"):
+            raise ValueError(f"unknown method {method!r}; choose float, rtn, awq-scale, awq or awq+gptq")
         stats = self.stats()
         if scheme not in self._awq:
             self._awq[scheme] = awq_quantize(self.model, scheme, stats, clip=True,
                                              quantize_head=self.s.quantize_head, progress=self.s.progress)
         res = self._awq[scheme]
+        searched = self.calib_seconds + res.seconds["scale"]
         if method == "awq-scale":
-            return res.scale_only().dequantized(), self.calib_seconds + res.seconds["scale"]
-        return res.weights.dequantized(), self.calib_seconds + res.seconds["scale"] + res.seconds["clip"]
+            return res.scale_only().dequantized(), searched
+        if method == "awq+gptq":
+            t0 = time.perf_counter()
+            col_scales = column_scales(torch_weights(self.model), res.groups, res.scales)
+            qw = gptq_weights(res.scaled, list(res.weights.quantized), scheme, res.clip, stats, col_scales)
+            return qw.dequantized(), searched + res.seconds["clip"] + time.perf_counter() - t0
+        return res.weights.dequantized(), searched + res.seconds["clip"]
 
     def perplexity(self, method: str, scheme: Any) -> tuple[Perplexity, float | None]:
         weights, search = self.weights(method, scheme)

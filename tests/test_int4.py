@@ -139,7 +139,8 @@ def test_quantized_tied_head_matches_fake_quant(tmp_path: Path, tiny_ckpt: Path)
     assert not np.allclose(deq["lm_head.weight"], deq["embed_tokens.weight"])  # the head really is quantized
 
 
-def test_awq_compile_matches_its_fake_quant_reference(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_compile_matches_its_fake_quant_reference(tmp_path: Path, method: str) -> None:
     """`awqc compile --quant awq-...` calibrates, searches and lowers; the artifact equals the float
     model run on the same AWQ weights dequantized (recomputed here from the saved statistics)."""
     from awqc.compiler.calibrate import CalibrationSettings, calibration_stats
@@ -148,17 +149,21 @@ def test_awq_compile_matches_its_fake_quant_reference(tmp_path: Path) -> None:
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"word{i % 97} and token{i % 13}." for i in range(800)))
     out, stats_file = tmp_path / "awq", tmp_path / "stats.safetensors"
-    assert main(["compile", "--model", str(ckpt), "--quant", "awq-w4g32", "--calib-text", str(text),
+    assert main(["compile", "--model", str(ckpt), "--quant", f"{method}-w4g32", "--calib-text", str(text),
                  "--calib-samples", "3", "--calib-seq-len", "32", "--calib-stats", str(stats_file),
                  "--context-window", "128", "-o", str(out)]) == 0
     engine = Engine(out)
-    assert engine.manifest["quantization"]["method"] == "awq"
+    assert engine.manifest["quantization"]["method"] == method
     model = load_model(str(ckpt))
     stats = calibration_stats(model, CalibrationSettings(text, 3, 32, cache=stats_file), progress=False)
     assert stats.seconds == {}  # read from the compile's cache, not recomputed
-    quant = quantize_model(model, "awq", QuantScheme(group_size=32), stats=stats)
+    quant = quantize_model(model, method, QuantScheme(group_size=32), stats=stats)
     rtn = quantize_model(model, "rtn", QuantScheme(group_size=32)).dequantized()
     assert any(not torch.equal(w, rtn[n]) for n, w in quant.dequantized().items())  # AWQ changed the weights
+    if method == "awq+gptq":  # the same grid as AWQ's, other levels
+        awq = quantize_model(model, "awq", QuantScheme(group_size=32), stats=stats).quantized
+        assert all(torch.equal(quant.quantized[n][1], awq[n][1]) for n in awq)
+        assert any(not torch.equal(quant.quantized[n][0], awq[n][0]) for n in awq)
     fake = dataclasses.replace(model, weights={k: v.numpy() for k, v in quant.dequantized().items()})
     ref = Engine(write_artifact(tmp_path / "fake", fake, get_target("host"), "float32", 128))
     ids = list(np.random.RandomState(6).randint(3, 300, size=40))
