@@ -6,8 +6,9 @@ table.
     python bench/quality.py                      # 40 windows x 512 tokens, 128 x 512 calibration
     python bench/quality.py --windows 20 --group-sizes 64
 
-Evaluation text: the Python tutorial, FAQ and HOWTOs (python3.11-doc); calibration text: the
-Python library reference (disjoint files). Quantized weights are scored dequantized in the float
+Evaluation texts: the Python tutorial, FAQ and HOWTOs (python3.11-doc) and the Jargon File
+(jargon-text: English prose of another kind); calibration text: the Python library reference
+(disjoint from both). Quantized weights are scored dequantized in the float
 library compiled once (compiler/evaluate.py), so the table does not depend on the int4 kernels.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--gram-tokens", type=int, default=128, help="tokens per sample for the Gram (0: all)")
     p.add_argument("--calib-stats", default=None, help="calibration statistics cache file")
+    p.add_argument("--domains", nargs="+", default=["python-docs", "jargon"],
+                   help="evaluation texts (compiler/text_data.py EVAL_DOMAINS; default both)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -44,14 +47,15 @@ def main(argv: list[str] | None = None) -> int:
                                       args.calib_stats)
     settings = QualitySettings(None, args.windows, args.window_len, calibration)
     run = QualityRun(model, settings)
-    rows = run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"],
-                       [QuantScheme(group_size=g) for g in args.group_sizes])
-    for r in rows:
-        r["search s"] = None if r["search s"] is None else round(r["search s"])
+    rows = []
+    for domain in args.domains:
+        for r in run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"],
+                             [QuantScheme(group_size=g) for g in args.group_sizes], domain):
+            rows.append({"text": domain, **r, "search s": None if r["search s"] is None else round(r["search s"])})
     print(format_table(rows))
     tokens = len(run.windows) * args.window_len
-    print(f"\n{args.model}: {len(run.windows)} evaluation windows x {args.window_len} tokens ({tokens} tokens, "
-          f"Python tutorial/FAQ/HOWTOs); calibration {args.calib_samples} x {args.calib_seq_len} tokens "
+    print(f"\n{args.model}: {len(run.windows)} evaluation windows x {args.window_len} tokens ({tokens} tokens) "
+          f"per text (python-docs: the Python tutorial/FAQ/HOWTOs; jargon: the Jargon File); calibration {args.calib_samples} x {args.calib_seq_len} tokens "
           f"(Python library reference), Gram from {args.gram_tokens or args.calib_seq_len} tokens per sample; "
           f"search s = calibration ({run.calib_seconds:.0f} s, shared by all rows) + scale (+ clip) search.")
     print(f"load {t_load:.0f} s, total {time.perf_counter() - t0:.0f} s, peak RSS "

@@ -166,7 +166,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true", help="float, RTN, AWQ(scale) and AWQ(scale+clip) side by side")
     p.add_argument("--group-sizes", type=int, nargs="+", default=None,
                    help="group sizes for --compare (default: the one in --quant)")
-    p.add_argument("--text", type=Path, default=None, help="evaluation text file (default: Python tutorial/FAQ/HOWTOs)")
+    p.add_argument("--text", type=Path, default=None, help="evaluation text file (default: the --domain's text)")
+    p.add_argument("--domain", default="python-docs", choices=["python-docs", "jargon"],
+                   help="built-in evaluation text: python-docs (the Python tutorial/FAQ/HOWTOs, default) or jargon "
+                        "(the Jargon File, English prose); neither is calibration text")
     p.add_argument("--windows", type=int, default=40, help="number of windows, spread over the text (default 40; 0: all)")
     p.add_argument("--window-len", type=int, default=512, help="tokens per window (default 512)")
     _add_calibration_args(p)
@@ -199,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  f"--window-len {args.window_len}")
         if args.kld and engines[0].manifest["model"]["vocab_size"] != engines[1].manifest["model"]["vocab_size"]:
             raise ValueError(f"{args.kld} has another vocabulary than {args.artifact}: not the same model")
-        windows = eval_windows(engines[0], args.text, n_windows, args.window_len)
+        windows = eval_windows(engines[0], args.text, n_windows, args.window_len, args.domain)
         if args.kld:
             d = kl_divergence(engines[0], engines[1], windows, progress=not args.quiet)
             print(format_table([{"artifact": str(args.artifact), "base": str(args.kld),
@@ -223,11 +226,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = QualitySettings(args.text, n_windows, args.window_len, calibration_settings(args), args.quantize_head,
                                not args.quiet)
     run = QualityRun(model, settings)
+    domain = None if args.text else args.domain
     if args.compare:
         schemes = [QuantScheme(scheme.bits, g, scheme.symmetric) for g in (args.group_sizes or [scheme.group_size])]
-        rows = run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"], schemes)
+        rows = run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"], schemes, domain)
     else:
-        res, search = run.perplexity(args.method, scheme)
+        res, search = run.perplexity(args.method, scheme, domain)
         rows = [{"method": args.method, "quant": "–" if args.method == "float" else scheme.name,
                  "perplexity": res.ppl, "search s": search}]
     print(format_table(rows))

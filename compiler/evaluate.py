@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .calibrate import CalibrationSettings
-from .text_data import default_eval_text, read_text, token_windows, tokenize
+from .text_data import eval_domain_text, read_text, token_windows, tokenize
 
 DEFAULT_WINDOWS = 40
 DEFAULT_WINDOW_LEN = 512
@@ -53,10 +53,11 @@ class Divergence:
 
 
 def eval_windows(engine: Any, text: str | Path | None = None, n_windows: int | None = DEFAULT_WINDOWS,
-                 window_len: int = DEFAULT_WINDOW_LEN) -> list[list[int]]:
-    """Windows of the evaluation text (default: the Python tutorial/FAQ/HOWTOs, never the
+                 window_len: int = DEFAULT_WINDOW_LEN, domain: str = "python-docs") -> list[list[int]]:
+    """Windows of the evaluation text: the file `text`, else the named domain's text
+    (text_data.EVAL_DOMAINS: the Python tutorial/FAQ/HOWTOs, or the Jargon File; never the
     calibration text), tokenized by the artifact's own tokenizer."""
-    body = default_eval_text() if text is None else read_text(text)
+    body = eval_domain_text(domain) if text is None else read_text(text)
 
     def encode(s: str) -> list[int]:
         return engine.tokenizer.encode(s, add_special_tokens=False).ids
@@ -199,6 +200,7 @@ class QualityRun:
         self._stats = None
         self.calib_seconds = 0.0
         self._awq: dict[Any, Any] = {}
+        self._domains: dict[str, list[list[int]]] = {}
 
     def stats(self):
         from .calibrate import calibration_stats
@@ -236,23 +238,32 @@ class QualityRun:
             return qw.dequantized(), searched + res.seconds["clip"] + time.perf_counter() - t0
         return res.weights.dequantized(), searched + res.seconds["clip"]
 
-    def perplexity(self, method: str, scheme: Any) -> tuple[Perplexity, float | None]:
+    def domain_windows(self, domain: str) -> list[list[int]]:
+        """Windows of another evaluation domain (text_data.EVAL_DOMAINS), same count and length."""
+        if domain not in self._domains:
+            s = self.s
+            self._domains[domain] = eval_windows(self.float_engine.engine, None, s.n_windows, s.window_len, domain)
+        return self._domains[domain]
+
+    def perplexity(self, method: str, scheme: Any, domain: str | None = None) -> tuple[Perplexity, float | None]:
+        """On the settings' text, or on `domain`'s."""
         weights, search = self.weights(method, scheme)
         label = method if scheme is None or method == "float" else f"{method} {scheme.name}"
-        return perplexity(self.float_engine.use(weights), self.windows, self.s.progress, desc=label), search
+        windows = self.windows if domain is None else self.domain_windows(domain)
+        return perplexity(self.float_engine.use(weights), windows, self.s.progress, desc=label), search
 
-    def compare(self, methods: Sequence[str], schemes: Sequence[Any]) -> list[dict[str, Any]]:
+    def compare(self, methods: Sequence[str], schemes: Sequence[Any], domain: str | None = None) -> list[dict[str, Any]]:
         """One row per (method, scheme); float once. Columns: method, quant, ppl, Δ vs float,
         RTN gap closed, search s."""
         rows: list[dict[str, Any]] = []
-        float_ppl = self.perplexity("float", None)[0].ppl
+        float_ppl = self.perplexity("float", None, domain)[0].ppl
         if "float" in methods:
             rows.append({"method": "float", "quant": "–", "perplexity": float_ppl, "Δ vs float": 0.0,
                          "RTN gap closed": None, "search s": None})
         for scheme in schemes:
             rtn_ppl = None
             for method in [m for m in methods if m != "float"]:
-                ppl, search = self.perplexity(method, scheme)
+                ppl, search = self.perplexity(method, scheme, domain)
                 if method == "rtn":
                     rtn_ppl = ppl.ppl
                 closed = gap_closed(float_ppl, rtn_ppl, ppl.ppl) if rtn_ppl and method != "rtn" else None

@@ -4,6 +4,11 @@ Both default texts come from Debian's python3.11-doc package (the reStructuredTe
 Python documentation, installed by scripts/setup.sh): calibration reads the library reference
 (`library/`), evaluation reads the tutorial, FAQ and HOWTOs (`tutorial/`, `faq/`, `howto/`).
 The two sets of files are disjoint, so a model is never evaluated on the text it was calibrated on.
+
+A second evaluation domain of another kind, English prose that is not documentation: the Jargon
+File (Debian's jargon-text, `jargon.txt.gz`), the lexicon of hacker slang with its usage notes
+and anecdotes, from its first entry on (the table of contents is left out). Nothing calibrates
+on it.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ DOC_PACKAGE = "python3.11-doc"
 DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 CALIBRATION_DIRS = ("library",)
 EVAL_DIRS = ("tutorial", "faq", "howto")
+JARGON_PACKAGE = "jargon-text"
+JARGON_FILE = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 
 
 class TextError(ValueError):
@@ -37,6 +44,26 @@ def default_calibration_text() -> str:
 def default_eval_text() -> str:
     """The Python tutorial, FAQ and HOWTOs (python3.11-doc: tutorial/, faq/, howto/)."""
     return _read_dirs(EVAL_DIRS)
+
+
+def jargon_text(path: Path = JARGON_FILE) -> str:
+    """The Jargon File's entries (jargon-text), from the first `:entry:` heading on."""
+    import gzip
+
+    if not path.is_file():
+        raise TextError(f"{path} is missing; install it with `apt-get install -y {JARGON_PACKAGE}`")
+    body = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+    start = body.find("\n   :")
+    return body[start + 1:] if start >= 0 else body
+
+
+EVAL_DOMAINS: dict[str, Callable[[], str]] = {"python-docs": default_eval_text, "jargon": jargon_text}
+
+
+def eval_domain_text(domain: str) -> str:
+    if domain not in EVAL_DOMAINS:
+        raise TextError(f"unknown evaluation domain {domain!r}; known: {', '.join(EVAL_DOMAINS)}")
+    return EVAL_DOMAINS[domain]()
 
 
 def read_text(path: str | Path) -> str:

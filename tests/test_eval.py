@@ -136,3 +136,15 @@ def test_cli_kld_of_an_artifact_against_itself(tiny_artifact: Path, text_file: P
     assert cells["mean KLD"] == "0.00000 ± 0.00000" and cells["same top 1"] == "100.00%" and cells["tokens"] == "62"
     assert main(["eval", "--model", "default", "--kld", str(tiny_artifact)]) == 2
     assert "--kld compares two compiled artifacts" in capsys.readouterr().err
+
+
+def test_second_domain_is_the_jargon_file_not_calibration_text() -> None:
+    from awqc.compiler.text_data import TextError, default_calibration_text, eval_domain_text, jargon_text
+
+    text = jargon_text()
+    assert text.startswith("   :(TM):") and len(text) > 1_000_000  # from the first entry, contents left out
+    assert eval_domain_text("jargon") == text
+    calibration = default_calibration_text()
+    assert text[10_000:10_200] not in calibration and eval_domain_text("python-docs")[:200] not in calibration
+    with pytest.raises(TextError, match="known: python-docs, jargon"):
+        eval_domain_text("news")
