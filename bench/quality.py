@@ -19,6 +19,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 from awqc.compiler.calibrate import CalibrationSettings
 from awqc.compiler.evaluate import QualityRun, QualitySettings, format_table
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--gram-tokens", type=int, default=128, help="tokens per sample for the Gram (0: all)")
-    p.add_argument("--calib-stats", default=None, help="calibration statistics cache file")
+    p.add_argument("--calib-stats", type=Path, default=None, help="calibration statistics cache file")
     p.add_argument("--domains", nargs="+", default=["python-docs", "jargon"],
                    help="evaluation texts (compiler/text_data.py EVAL_DOMAINS; default both)")
     args = p.parse_args(argv)
