@@ -46,14 +46,14 @@ def test_cli_eval_artifact(tiny_artifact: Path, text_file: Path, capsys: pytest.
     assert "| artifact | perplexity | windows | tokens |" in out and "| 2 | 62 |" in out
 
 
-def test_cli_compare_float_rtn_awq(tiny_ckpt: Path, text_file: Path, tmp_path: Path,
+def test_cli_compare_float_rtn_awq_gptq(tiny_ckpt: Path, text_file: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", "--model", str(tiny_ckpt), "--compare", "--group-sizes", "32", "--text", str(text_file),
                  "--windows", "2", "--window-len", "32", "--calib-text", str(text_file), "--calib-samples", "4",
                  "--calib-seq-len", "32", "--calib-stats", str(tmp_path / "stats.pt"), "--quiet"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["float", "rtn", "awq-scale", "awq"]
+    assert [r.split("|")[1].strip() for r in rows] == ["float", "rtn", "awq-scale", "awq", "awq+gptq"]
     assert all("w4g32" in r for r in rows[1:])
     assert (tmp_path / "stats.pt").is_file()
 
