@@ -105,6 +105,10 @@ def bench_shape(spec, record, name: str, k: int, n: int) -> dict:
     gemm = compile_kernel(spec, layout, k, n, GROUP, None, gemm=record.gemm_knobs(k, n))
     row["gemm_ms"] = time_gemm(gemm, weights[0], k, n, GEMM_ROWS) * 1e3
     row["gemm_GFLOPs"] = 2 * GEMM_ROWS * k * n / row["gemm_ms"] / 1e6
+    if "a8_gemv" in kernels:  # the W4A8 integer GEMM: int8 x int4 multiply-adds, counted as 2 ops each
+        a8_gemm = compile_kernel(spec, DotLayout(8), k, n, GROUP, None)
+        row["a8_gemm_ms"] = time_gemm(a8_gemm, kernels["a8_gemv"][1][0], k, n, GEMM_ROWS) * 1e3
+        row["a8_gemm_GOPs"] = 2 * GEMM_ROWS * k * n / row["a8_gemm_ms"] / 1e6
     return row
 
 
@@ -138,14 +142,15 @@ def format_report(threads: int, result: dict) -> str:
     lines = [f"## {threads} thread(s): read bandwidth {best:.1f} GB/s "
              f"(TVM probe {bw['tvm_GBps']:.1f}, numpy 1-thread {bw['numpy_GBps']:.1f})", "",
              "| shape | K x N | MB read | layout | GEMV ms | GEMV GB/s (median) | % BW | k8 GEMV GB/s (median) "
-             "| W4A8 GEMV GB/s (median) | W4A8 % BW | GEMM(64) ms | GEMM GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| W4A8 GEMV GB/s (median) | W4A8 % BW | GEMM(64) ms | GEMM GFLOP/s | W4A8 GEMM(64) GOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         big = " (> LLC)" if r["exceeds_llc"] else ""
+        a8_gemm = f"{r['a8_gemm_GOPs']:.0f}" if "a8_gemm_GOPs" in r else "–"
         lines.append(f"| {r['shape']} | {r['K']}x{r['N']} | {r['MB']:.1f}{big} | {r['layout']} | {r['gemv_ms']:.3f} | "
                      f"{r['gemv_GBps']:.1f} ({r['gemv_median_GBps']:.1f}) | {100 * r['gemv_GBps'] / best:.0f}% | "
                      f"{r['k8_gemv_GBps']:.1f} ({r['k8_gemv_median_GBps']:.1f}) | {_a8(r, best)} | {r['gemm_ms']:.3f} | "
-                     f"{r['gemm_GFLOPs']:.0f} |")
+                     f"{r['gemm_GFLOPs']:.0f} | {a8_gemm} |")
     return "\n".join(lines)
 
 
