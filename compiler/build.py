@@ -81,8 +81,8 @@ def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: 
 def w4_backend(spec: TargetSpec, scheme: QuantScheme, shapes: Iterable[tuple[int, int]]) -> W4Backend:
     """CUDA: layout k8 and schedules/cuda.py. CPU: the layout and knobs of the target's tuning
     record (schedules/records/, `awqc tune`) or the defaults; k8 if the layout cannot hold
-    every quantized weight `shapes` ([N, K]) of this model. W4A8 schemes: layout d8 and the
-    integer dot-product GEMV of the target's ISA (the record's GEMM knobs for prefill)."""
+    every quantized weight `shapes` ([N, K]) of this model. W4A8 schemes: layout d16 (VNNI, every
+    N a multiple of 16) or d8, and the integer dot-product kernels of the target's ISA."""
     if spec.device == "cuda":
         return W4Backend(K8, w4_scheduler(spec))
     from awqc.schedules.tuning import record_for
@@ -94,7 +94,11 @@ def w4_backend(spec: TargetSpec, scheme: QuantScheme, shapes: Iterable[tuple[int
     if isa is not None:
         from awqc.schedules.w4a8_cpu import dot_scheduler
 
-        layout = DotLayout(8)
+        # 512-bit dot products where the CPU has VNNI and every weight's rows fill 16 lanes: the
+        # prefill GEMM runs ~2x faster than in 256-bit vectors, the GEMV as fast (bench/kernels.py)
+        wide = DotLayout(16)
+        layout = wide if isa == "vnni" and all(wide.supports(k, n, scheme.group_size) for n, k in shapes) \
+            else DotLayout(8)
         bad = [f"{n}x{k}" for n, k in shapes if not layout.supports(k, n, scheme.group_size)]
         if bad:
             raise QuantizationError(f"{scheme.name} needs every quantized weight's output size to be a "

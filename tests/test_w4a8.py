@@ -149,7 +149,8 @@ def test_w4a8_artifact_matches_transformers_with_the_same_rounding(tmp_path: Pat
     quant = quantize_model(model, "rtn", scheme, quantize_head=False)
     engine = Engine(write_artifact(tmp_path / "a8", model, get_target("host"), "float32", 128, quant=quant,
                                    method="rtn"))
-    assert engine.manifest["quantization"]["layout"] == "d8"
+    # 512-bit dot products where the CPU has VNNI (every N of this model fills 16 lanes)
+    assert engine.manifest["quantization"]["layout"] == ("d16" if dot_isa(HOST) == "vnni" else "d8")
     assert engine.manifest["quantization"]["scheme"] == "w4a8g32"
     hf = hooked_reference(ckpt, quant, 32)
     ids = [int(i) for i in np.random.RandomState(6).randint(3, 300, size=24)]
@@ -182,3 +183,13 @@ def test_w4a8_refused_where_it_cannot_run(target: str, dtype: str, match: str, t
 def test_eval_of_w4a8_weights_points_to_the_artifact(tiny_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", "--model", str(tiny_ckpt), "--method", "rtn", "--quant", "w4a8g32"]) != 0
     assert "evaluate the artifact" in capsys.readouterr().err
+
+
+def test_w4a8_layout_is_512_bit_only_where_every_weight_fills_it() -> None:
+    from awqc.compiler.build import w4_backend
+
+    scheme = QuantScheme(group_size=32, act_bits=8)
+    host = get_target("host")
+    wide = "d16" if dot_isa(HOST) == "vnni" else "d8"
+    assert w4_backend(host, scheme, [(32, 64), (64, 64)]).layout.name == wide
+    assert w4_backend(host, scheme, [(32, 64), (24, 64)]).layout.name == "d8"  # 24 rows: 8-lane tiles only
