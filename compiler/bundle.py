@@ -19,7 +19,6 @@ a tvm-ffi wheel for the device (`--tvm-ffi-wheel`, from `pip download`).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -30,8 +29,10 @@ import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from awqc.runtime.artifact import WEIGHTS, ArtifactError, read_manifest, verify_files
+from awqc.runtime.cpp.build import RunnerBuildError, build_runner, host_tvm_dir, package_dir
 
 REPO = Path(__file__).resolve().parents[1]
 AARCH64_LIBS = REPO / ".cache" / "aarch64" / "lib"
@@ -50,8 +51,9 @@ exec "$py" -P -m awqc.runtime.cli "$@"  # -P: no module is taken from the workin
 """
 # What runtime-only TVM does not load: the compiler library (~250 MB; lib/ gets the runtime only),
 # C++ sources, headers, and the compiler's Python packages (relax, s_tir, topi, web).
-_TVM_SKIP = ("3rdparty", "src", "include", "lib", "lib64", "relax", "s_tir", "topi", "web", "__pycache__")
-_FFI_SKIP = ("3rdparty", "src", "include", "cython", "lib", "__pycache__")  # lib: copied whole
+_TVM_SKIP = ("3rdparty", "src", "include", "lib", "lib64", "relax", "s_tir", "topi", "web")
+# tvm_ffi's sources and headers; its lib/ stays whole (it loads libtvm_ffi_testing too).
+_FFI_SKIP = ("3rdparty", "src", "include", "cython")
 _WHEEL_NAME = re.compile(r"^apache_tvm_ffi-(?P<version>[^-]+)-(?P<py>cp\d+)-[^-]+-(?P<plat>[^-]+)\.whl$")
 
 
@@ -61,7 +63,7 @@ class BundleError(ValueError):
 
 def make_bundle(artifact: Path, out: Path, tvm_ffi_wheel: Path | None = None, force: bool = False) -> dict:
     """Write the bundle for `artifact` to `out` (built beside it and renamed into place, so a failure
-    leaves nothing); returns the bundle.json record."""
+    leaves nothing); returns the bundle.json record. `force` replaces an earlier bundle, nothing else."""
     try:
         manifest = read_manifest(artifact)
         verify_files(artifact, manifest)
@@ -69,17 +71,22 @@ def make_bundle(artifact: Path, out: Path, tvm_ffi_wheel: Path | None = None, fo
         raise BundleError(f"cannot bundle {artifact}: {err}") from None
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not (out / "bundle.json").is_file():
+        raise BundleError(f"{out} exists and is not an awqc bundle (no bundle.json); --force replaces only a bundle, "
+                          "choose another -o")
     target = manifest["target"]
     arch, device = target["arch"], target.get("device", "cpu")
-    python_entry = tvm_ffi_wheel is not None or arch == platform.machine()
-    if not python_entry and device != "cpu":
+    if tvm_ffi_wheel is None and arch != platform.machine() and device != "cpu":
         raise BundleError(f"the artifact runs on {arch} with {device}, where only the Python entry can run it: "
                           f"{_wheel_hint(arch)}")
+    python_entry = None  # checked before anything is written
+    if tvm_ffi_wheel is not None or arch == platform.machine():
+        python_entry = (_tvm_libs(arch, device), *_tvm_ffi_source(arch, tvm_ffi_wheel))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _link_tree(artifact, staging / "artifact")
-        python = _write_python_entry(staging, arch, device, tvm_ffi_wheel) if python_entry else None
+        python = _write_python_entry(staging, *python_entry) if python_entry else None
         if device == "cpu":
             _build_runner(staging / "bin", arch)
         weights = (staging / "artifact" / WEIGHTS).stat().st_size
@@ -101,16 +108,19 @@ def make_bundle(artifact: Path, out: Path, tvm_ffi_wheel: Path | None = None, fo
     return record
 
 
-def _write_python_entry(root: Path, arch: str, device: str, tvm_ffi_wheel: Path | None) -> str:
-    """root/python/{awqc,tvm,tvm_ffi} and the launcher root/awqc; the Python version it runs on."""
-    tvm_libs = _tvm_libs(arch, device)
-    put_ffi, python_tag = _tvm_ffi_source(arch, tvm_ffi_wheel)
-    _copy_runtime_package(root / "python" / "awqc")
+def _write_python_entry(root: Path, tvm_libs: list[Path], put_ffi: Callable[[Path], None], python_tag: str) -> str:
+    """root/python/{awqc,tvm,tvm_ffi,typing_extensions.py} and the launcher root/awqc; the Python
+    version it runs on."""
     import typing_extensions  # tvm-ffi's one dependency: a single pure-Python file
 
-    shutil.copy2(typing_extensions.__file__, root / "python" / "typing_extensions.py")
-    _copy_tvm_package(root / "python" / "tvm", tvm_libs)
-    put_ffi(root / "python")
+    python = root / "python"
+    _copy_runtime_package(python / "awqc")
+    shutil.copy2(typing_extensions.__file__, python / "typing_extensions.py")
+    _copy_package(package_dir("tvm"), python / "tvm", _TVM_SKIP)
+    (python / "tvm" / "lib").mkdir()
+    for lib in tvm_libs:
+        shutil.copy2(lib, python / "tvm" / "lib" / lib.name)
+    put_ffi(python)
     major, minor = int(python_tag[2]), int(python_tag[3:])
     launcher = root / "awqc"
     launcher.write_text(LAUNCHER.format(major=major, minor=minor))
@@ -121,7 +131,7 @@ def _write_python_entry(root: Path, arch: str, device: str, tvm_ffi_wheel: Path 
 def _tvm_libs(arch: str, device: str) -> list[Path]:
     """libtvm_runtime (+ its CUDA part) for the device's architecture."""
     names = ["libtvm_runtime.so"] + (["libtvm_runtime_cuda.so"] if device == "cuda" else [])
-    lib_dir = _installed("tvm") / "lib" if arch == platform.machine() else AARCH64_LIBS if arch == "aarch64" else None
+    lib_dir = package_dir("tvm") / "lib" if arch == platform.machine() else AARCH64_LIBS if arch == "aarch64" else None
     if lib_dir is None:
         raise BundleError(f"no TVM runtime for {arch} here; bundle on an {arch} or x86_64 machine")
     missing = [n for n in names if not (lib_dir / n).is_file()]
@@ -131,10 +141,10 @@ def _tvm_libs(arch: str, device: str) -> list[Path]:
     return [lib_dir / n for n in names]
 
 
-def _tvm_ffi_source(arch: str, wheel: Path | None):
+def _tvm_ffi_source(arch: str, wheel: Path | None) -> tuple[Callable[[Path], None], str]:
     """(a function that puts tvm_ffi under a python/ dir, the CPython tag it is built for)."""
     if wheel is None:
-        return (lambda python: _copy_filtered(_installed("tvm_ffi"), python / "tvm_ffi", _FFI_SKIP, _ffi_lib),
+        return (lambda python: _copy_package(package_dir("tvm_ffi"), python / "tvm_ffi", _FFI_SKIP),
                 f"cp{sys.version_info.major}{sys.version_info.minor}")
     m = _WHEEL_NAME.match(wheel.name)
     if not wheel.is_file() or m is None:
@@ -151,42 +161,31 @@ def _wheel_hint(arch: str) -> str:
             f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}`")
 
 
-def _installed(package: str) -> Path:
-    return Path(importlib.util.find_spec(package).origin).parent
-
-
-def _ffi_lib(src: Path, dst: Path) -> None:
-    shutil.copytree(src / "lib", dst / "lib")  # libtvm_ffi and libtvm_ffi_testing, which tvm_ffi loads too
-
-
 def _unpack_ffi_wheel(wheel: Path, python: Path) -> None:
-    """The wheel's tvm_ffi package, less what the runtime does not load."""
-    with zipfile.ZipFile(wheel) as z:
-        for name in z.namelist():
-            parts = name.split("/")
-            if parts[0] != "tvm_ffi" or name.endswith("/") or (len(parts) > 2 and parts[1] in _FFI_SKIP
-                                                                and parts[1] != "lib"):
-                continue
-            dest = python.joinpath(*parts)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(z.read(name))
+    """The wheel's tvm_ffi package, less its sources and headers. The wheel is the user's file:
+    a member that would land outside python/tvm_ffi is refused."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                parts = name.split("/")
+                if parts[0] != "tvm_ffi" or name.endswith("/") or (len(parts) > 2 and parts[1] in _FFI_SKIP):
+                    continue
+                if any(p in ("", ".", "..") or "\\" in p for p in parts):
+                    raise BundleError(f"{wheel.name} holds a file named {name!r}, outside its package; "
+                                      "use a wheel from PyPI")
+                dest = python.joinpath(*parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(z.read(name))
+    except zipfile.BadZipFile as err:
+        raise BundleError(f"{wheel} is not a readable wheel ({err}); download it again") from None
 
 
-def _copy_filtered(src: Path, dst: Path, skip: tuple[str, ...], add_libs) -> None:
+def _copy_package(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
+    """src's tree without `skip` (top-level entries) and bytecode caches."""
     def ignore(directory: str, names: list[str]) -> list[str]:
         return [n for n in names if n == "__pycache__" or (Path(directory) == src and n in skip)]
 
     shutil.copytree(src, dst, ignore=ignore)
-    add_libs(src, dst)
-
-
-def _copy_tvm_package(dst: Path, libs: list[Path]) -> None:
-    def add_libs(_src: Path, pkg: Path) -> None:
-        (pkg / "lib").mkdir()
-        for lib in libs:
-            shutil.copy2(lib, pkg / "lib" / lib.name)
-
-    _copy_filtered(_installed("tvm"), dst, _TVM_SKIP, add_libs)
 
 
 def _copy_runtime_package(dst: Path) -> None:
@@ -201,8 +200,6 @@ def _copy_runtime_package(dst: Path) -> None:
 
 
 def _build_runner(bin_dir: Path, arch: str) -> None:
-    from awqc.runtime.cpp.build import RunnerBuildError, build_runner, host_tvm_dir
-
     try:
         if arch == "aarch64" and platform.machine() != "aarch64":
             build_runner(bin_dir)

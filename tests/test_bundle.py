@@ -103,7 +103,20 @@ def test_bundle_errors_leave_nothing(int4_artifact: Path, tmp_path: Path) -> Non
         make_bundle(int4_artifact, tmp_path / "out", tvm_ffi_wheel=wheel)
     with pytest.raises(BundleError, match="is not an apache-tvm-ffi wheel"):
         make_bundle(int4_artifact, tmp_path / "out", tvm_ffi_wheel=tmp_path / "taken")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["taken", wheel.name])
+    (tmp_path / "taken" / "mine.txt").write_text("not a bundle")
+    with pytest.raises(BundleError, match="is not an awqc bundle"):
+        make_bundle(int4_artifact, tmp_path / "taken", force=True)
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "not a bundle"
+    from importlib.metadata import version
+    import zipfile
+
+    hostile = tmp_path / f"apache_tvm_ffi-{version('apache-tvm-ffi')}-cp312-cp312-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(hostile, "w") as z:
+        z.writestr("tvm_ffi/__init__.py", "")
+        z.writestr("tvm_ffi/../../escaped.py", "")
+    with pytest.raises(BundleError, match="outside its package"):
+        make_bundle(int4_artifact, tmp_path / "out", tvm_ffi_wheel=hostile)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["taken", wheel.name, hostile.name])
 
 
 def test_cli_bundle_reports_sizes(int4_artifact: Path, tmp_path: Path) -> None:
@@ -114,3 +127,6 @@ def test_cli_bundle_reports_sizes(int4_artifact: Path, tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "-m", "awqc.compiler.cli", "bundle", str(int4_artifact), "-o",
                             str(tmp_path / "b")], capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+    forced = subprocess.run([sys.executable, "-m", "awqc.compiler.cli", "bundle", str(int4_artifact), "-o",
+                             str(tmp_path / "b"), "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr  # an earlier bundle is replaced

@@ -51,19 +51,22 @@ def compile_command(out: Path, tvm_dir: Path, cxx: str) -> list[str]:
     return cmd
 
 
+def package_dir(name: str) -> Path:
+    """Where an installed Python package lives (found without importing it)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec(name).origin).parent
+
+
 def host_tvm_dir(dest: Path) -> Path:
     """The installed TVM's runtime libraries and tvm-ffi headers, laid out in dest as build_runner
     expects, to build the runner for this machine."""
     import importlib.metadata
-    import importlib.util
-
-    def package(name: str) -> Path:
-        return Path(importlib.util.find_spec(name).origin).parent
 
     (dest / "lib").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(package("tvm") / "lib" / "libtvm_runtime.so", dest / "lib")
-    shutil.copy2(package("tvm_ffi") / "lib" / "libtvm_ffi.so", dest / "lib")
-    shutil.copytree(package("tvm_ffi") / "include", dest / "include", dirs_exist_ok=True)
+    shutil.copy2(package_dir("tvm") / "lib" / "libtvm_runtime.so", dest / "lib")
+    shutil.copy2(package_dir("tvm_ffi") / "lib" / "libtvm_ffi.so", dest / "lib")
+    shutil.copytree(package_dir("tvm_ffi") / "include", dest / "include", dirs_exist_ok=True)
     versions = [importlib.metadata.version(p) for p in ("apache-tvm", "apache-tvm-ffi")]
     (dest / "versions").write_text(" ".join(versions))
     return dest
