@@ -43,6 +43,7 @@ class AWQResult:
     scales: dict[int, ScaleResult]  # group index -> searched scales
     clip: dict[str, torch.Tensor]  # weight -> clip ratio per (row, group)
     scaled: dict[str, torch.Tensor]  # float weights with the scales folded in
+    col_scales: dict[str, torch.Tensor]  # weight -> the factor its input columns were multiplied by
     seconds: dict[str, float]  # scale (search + apply), clip, quantize
 
     def scale_only(self) -> QuantizedWeights:
@@ -116,7 +117,8 @@ def awq_block(weights: Mapping[str, torch.Tensor], names: list[str], groups: lis
     qw = (gptq_weights(scaled, names, scheme, clips, stats, col_scales) if gptq
           else quantize_weights(scaled, names, scheme, clips))
     t3 = time.perf_counter()
-    return AWQResult(qw, groups, results, clips, scaled, {"scale": t1 - t0, "clip": t2 - t1, "quantize": t3 - t2})
+    return AWQResult(qw, groups, results, clips, scaled, col_scales,
+                     {"scale": t1 - t0, "clip": t2 - t1, "quantize": t3 - t2})
 
 
 def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationStats, clip: bool = True,
@@ -198,8 +200,8 @@ def rtn(model: ImportedModel, scheme: QuantScheme, quantize_head: bool = False) 
 def quantize_model(model: ImportedModel, method: str, scheme: QuantScheme, quantize_head: bool = False,
                    stats: CalibrationStats | None = None) -> QuantizedWeights:
     """The whole model's quantized weights in memory (tests and small models): round to nearest,
-    or AWQ (method "awq" or "awq+gptq") from calibration `stats`. A tied head quantized with `quantize_head` gets its own
-    copy, rounded to nearest (the embedding stays float)."""
+    or AWQ (method "awq" or "awq+gptq") from calibration `stats`. A tied head quantized with
+    `quantize_head` gets its own copy, rounded to nearest (the embedding stays float)."""
     weights = torch_weights(model)
     tied_head = quantize_head and "lm_head.weight" not in weights
     if tied_head:

@@ -200,6 +200,7 @@ class QualityRun:
         self._stats = None
         self.calib_seconds = 0.0
         self._awq: dict[Any, Any] = {}
+        self._gptq: dict[Any, Any] = {}
         self._domains: dict[str, list[list[int]]] = {}
 
     def stats(self):
@@ -214,8 +215,7 @@ class QualityRun:
 
     def weights(self, method: str, scheme: Any) -> tuple[dict[str, Any] | None, float | None]:
         """The (dequantized) weights of a method and the search time it took (None: no search)."""
-        from .awq import awq_quantize, gptq_weights, rtn, torch_weights
-        from awqc.passes.awq_scale import column_scales
+        from .awq import awq_quantize, gptq_weights, rtn
 
         if method == "float":
             return None, None
@@ -232,10 +232,12 @@ class QualityRun:
         if method == "awq-scale":
             return res.scale_only().dequantized(), searched
         if method == "awq+gptq":
-            t0 = time.perf_counter()
-            col_scales = column_scales(torch_weights(self.model), res.groups, res.scales)
-            qw = gptq_weights(res.scaled, list(res.weights.quantized), scheme, res.clip, stats, col_scales)
-            return qw.dequantized(), searched + res.seconds["clip"] + time.perf_counter() - t0
+            if scheme not in self._gptq:  # rounded once per scheme, whichever text it is scored on
+                t0 = time.perf_counter()
+                qw = gptq_weights(res.scaled, list(res.weights.quantized), scheme, res.clip, stats, res.col_scales)
+                self._gptq[scheme] = qw, time.perf_counter() - t0
+            qw, rounding = self._gptq[scheme]
+            return qw.dequantized(), searched + res.seconds["clip"] + rounding
         return res.weights.dequantized(), searched + res.seconds["clip"]
 
     def domain_windows(self, domain: str) -> list[list[int]]:
