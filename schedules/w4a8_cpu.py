@@ -52,42 +52,6 @@ def dot_isa(tvm_target: dict) -> str | None:
     return None
 
 
-def _vector_ops(lanes: int, isa: str):
-    """The vector expressions both kernels build from: (dot, vec, row_vec, zero_vec, chain_sum)."""
-    vi32, vf32 = f"int32x{lanes}", f"float32x{lanes}"
-
-    def dot(acc, q, xq):  # acc[r] += sum of 4 byte products of q[r] and xq[r]
-        a, b = T.reinterpret(f"int8x{4 * lanes}", q), T.reinterpret(f"int8x{4 * lanes}", xq)
-        if isa == "vnni":
-            return T.call_llvm_pure_intrin(vi32, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc, a, b)
-        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
-        return acc + T.call_llvm_pure_intrin(vi32, "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
-
-    def vec(buf, start):
-        return buf[T.ramp(start, 1, lanes)]
-
-    def row_vec(buf, row, start):
-        return buf[row, T.ramp(start, 1, lanes)]
-
-    def zero_vec(zeros, t, g):  # the tile's `lanes` zero points of group g: words g*L/8 .. , one nibble per lane
-        per = lanes // ZEROS_PER_WORD
-        lane = T.ramp(0, 1, lanes)
-        words = T.broadcast(zeros[t, g * per], lanes)
-        for i in range(1, per):
-            words = T.Select(lane < T.broadcast(i * ZEROS_PER_WORD, lanes), words,
-                             T.broadcast(zeros[t, g * per + i], lanes))
-        shifts = T.Cast(f"uint32x{lanes}", (lane % T.broadcast(ZEROS_PER_WORD, lanes)) * T.broadcast(4, lanes))
-        return T.Cast(vf32, T.bitwise_and(T.shift_right(words, shifts), T.broadcast(T.uint32(15), lanes)))
-
-    def chain_sum(iacc, chains=CHAINS, first=0):
-        total = vec(iacc, first * lanes)
-        for c in range(1, chains):
-            total = total + vec(iacc, (first + c) * lanes)
-        return total
-
-    return dot, vec, row_vec, zero_vec, chain_sum
-
-
 def _hmax8(v):
     return T.max(T.max(T.max(v[0], v[1]), T.max(v[2], v[3])), T.max(T.max(v[4], v[5]), T.max(v[6], v[7])))
 
@@ -116,7 +80,7 @@ def _w4a8_matmul(k: int, n: int, group: int, lanes: int, isa: str, rows: int | N
     if isa == "avx2" and lanes != 8:
         raise ValueError("the AVX2 dot product works on 256-bit vectors: layout d8")
     ng, words, tiles, kw4 = k // group, group // PACK, n // lanes, k // 4
-    vf32 = f"float32x{lanes}"
+    vi32, vf32 = f"int32x{lanes}", f"float32x{lanes}"
     mr = 1 if rows == 1 else GEMM_ROWS
     per_row = CHAINS if rows == 1 else 2  # int32 accumulator chains per activation row
     m = 1 if rows == 1 else tirx.Var("m", "int64")
@@ -125,7 +89,35 @@ def _w4a8_matmul(k: int, n: int, group: int, lanes: int, isa: str, rows: int | N
     # rows per chunk: the chunk's int8 activations (chunk x K bytes) stay in L2 while every tile
     # of weights passes over them
     chunk = 1 if rows == 1 else max(mr, GEMM_CHUNK_BYTES // k // mr * mr)
-    dot, vec, row_vec, zero_vec, chain_sum = _vector_ops(lanes, isa)
+
+    def dot(acc, q, xq):  # acc[r] += sum of 4 byte products of q[r] and xq[r]
+        a, b = T.reinterpret(f"int8x{4 * lanes}", q), T.reinterpret(f"int8x{4 * lanes}", xq)
+        if isa == "vnni":
+            return T.call_llvm_pure_intrin(vi32, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc, a, b)
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
+        return acc + T.call_llvm_pure_intrin(vi32, "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
+
+    def vec(buf, start):
+        return buf[T.ramp(start, 1, lanes)]
+
+    def row_vec(buf, row, start):
+        return buf[row, T.ramp(start, 1, lanes)]
+
+    def zero_vec(zeros, t, g):  # the tile's `lanes` zero points of group g: words g*L/8 .. , one nibble per lane
+        per = lanes // ZEROS_PER_WORD
+        lane = T.ramp(0, 1, lanes)
+        words = T.broadcast(zeros[t, g * per], lanes)
+        for i in range(1, per):
+            words = T.Select(lane < T.broadcast(i * ZEROS_PER_WORD, lanes), words,
+                             T.broadcast(zeros[t, g * per + i], lanes))
+        shifts = T.Cast(f"uint32x{lanes}", (lane % T.broadcast(ZEROS_PER_WORD, lanes)) * T.broadcast(4, lanes))
+        return T.Cast(vf32, T.bitwise_and(T.shift_right(words, shifts), T.broadcast(T.uint32(15), lanes)))
+
+    def chain_sum(iacc, row):  # the sum of activation row `row`'s per_row accumulator chains
+        total = vec(iacc, row * per_row * lanes)
+        for c in range(1, per_row):
+            total = total + vec(iacc, (row * per_row + c) * lanes)
+        return total
 
     @T.prim_func(private=True, s_tir=False)
     def kernel(x: T.Buffer((m, k), "float32"), qweight: T.Buffer((tiles, k // PACK * lanes), "uint32"),
@@ -184,7 +176,7 @@ def _w4a8_matmul(k: int, n: int, group: int, lanes: int, isa: str, rows: int | N
                             s = T.meta_var(T.Cast(vf32, row_vec(scales, t, g * lanes)))
                             z = T.meta_var(zero_vec(zeros, t, g))
                             for i in T.unroll(mr):
-                                total = T.meta_var(chain_sum(iacc, per_row, i * per_row))
+                                total = T.meta_var(chain_sum(iacc, i))
                                 acc[T.ramp(i * lanes, 1, lanes)] = vec(acc, i * lanes) + s * (
                                     T.Cast(vf32, total) * T.broadcast(dx[(rb * mr + i) * ng + g], lanes)
                                     - z * T.broadcast(xsum[(rb * mr + i) * ng + g], lanes))
