@@ -29,7 +29,7 @@ from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_lay
 from .calibrate import CalibrationSettings
 from .llama import export_model
 from .model_import import ImportedModel, weight_parts
-from .output import OutputError, check_output, install, make_staging_dir
+from .output import OutputError, check_output, install, make_staging_dir, staging_path
 from .pipeline import relax_pipeline, w4_scheduler
 from .targets import TargetSpec
 from .tensor_file import SafetensorsWriter
@@ -197,8 +197,9 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
     mod, named = export_model(model.config, dtype, spec.target(), separate_head="lm_head.weight" in quantized)
     names = [n for n, _ in named]
     param_names = quantized_param_names(names, quantized)
-    tmp = make_staging_dir(out)
+    tmp = staging_path(out)
     try:
+        make_staging_dir(tmp)
         _write_weights(tmp / WEIGHTS, parts(mod["score"], names), param_names, dtype, layout)
         ex = compile_library(mod, names, spec, scheme, quantized, backend)
         kernels = None

@@ -34,6 +34,8 @@ from typing import Callable
 from awqc.runtime.artifact import WEIGHTS, ArtifactError, read_manifest, verify_files
 from awqc.runtime.cpp.build import RunnerBuildError, build_runner, host_tvm_dir, package_dir
 
+from .output import make_staging_dir, staging_path
+
 REPO = Path(__file__).resolve().parents[1]
 AARCH64_LIBS = REPO / ".cache" / "aarch64" / "lib"
 LAUNCHER = """\
@@ -83,8 +85,9 @@ def make_bundle(artifact: Path, out: Path, tvm_ffi_wheel: Path | None = None, fo
     if tvm_ffi_wheel is not None or arch == platform.machine():
         python_entry = (_tvm_libs(arch, device), *_tvm_ffi_source(arch, tvm_ffi_wheel))
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_path(out)
     try:
+        make_staging_dir(staging)
         _link_tree(artifact, staging / "artifact")
         python = _write_python_entry(staging, *python_entry) if python_entry else None
         if device == "cpu":

@@ -13,8 +13,8 @@ import ctypes
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -24,7 +24,7 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _NAME_MAX = 255
-_TMP_SUFFIX = ".tmp-XXXXXXXX"  # what mkdtemp adds to ".NAME"
+_TMP_SUFFIX = ".tmp-4194304-xxxxxxxx"  # what staging_path adds to ".NAME": the largest pid, 8 hex digits
 
 
 class OutputError(ValueError):
@@ -71,19 +71,37 @@ def check_output(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
             raise OutputExistsError(f"output path {out} exists and is not an awqc artifact; --force replaces only "
                                     "artifacts, so remove it yourself or choose another path")
     parent = target.parent
+    probe = _sibling(out, "probe")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except BaseException:  # a SIGTERM between the two (not a finally: the signal could cut that short)
+            shutil.rmtree(probe, ignore_errors=True)
+            raise
     except OSError as err:
         raise OutputError(f"cannot write the artifact in {parent}: {err.strerror}; choose another -o") from None
 
 
-def make_staging_dir(out: Path) -> Path:
-    """A new empty directory beside `out` (same filesystem, so the final rename is atomic)."""
+def staging_path(out: Path) -> Path:
+    """Where the artifact is staged beside `out` (same filesystem, so the final rename is atomic); not
+    yet made. The caller makes it with make_staging_dir inside the try that removes it, so a SIGTERM
+    landing just after the mkdir cannot leave it behind (mkdtemp returns the name only after making
+    it, and a signal between the two escapes every cleanup). The pid in the name means a directory
+    already there can only be a killed compile's leftover."""
+    return _sibling(out, "tmp")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    return out.resolve().parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def make_staging_dir(path: Path) -> None:
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+        path.mkdir(mode=0o700)
     except OSError as err:
-        raise OutputError(f"cannot write the artifact in {out.resolve().parent}: {err.strerror}") from None
+        raise OutputError(f"cannot write the artifact in {path.parent}: {err.strerror}") from None
 
 
 def install(staged: Path, out: Path, force: bool) -> None:

@@ -164,7 +164,38 @@ def test_sigterm_during_compile_leaves_nothing(tmp_path: Path, tiny_ckpt: Path) 
     assert staging(), "the compile ended before its staging directory appeared"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
+    assert not out.exists()
+    assert not leftovers(out), (sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")),
+                                proc.stderr.read()[-3000:])
+
+
+def test_interrupt_just_after_the_staging_mkdir_leaves_nothing(tmp_path: Path, tiny_ckpt: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The narrowest window the SIGTERM test can hit: the directory exists, nothing else happened yet."""
+    real = build.make_staging_dir
+
+    def made_then_interrupted(path: Path) -> None:
+        real(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "make_staging_dir", made_then_interrupted)
+    out = tmp_path / "out"
+    assert compile_cli(tiny_ckpt, out) == 130
     assert not out.exists() and not leftovers(out)
+
+
+def test_interrupt_during_the_writability_probe_leaves_nothing(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from awqc.compiler.output import check_output
+
+    def interrupted(self: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "rmdir", interrupted)  # the probe is made; the signal lands before it goes
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        check_output(out, False, [])
+    assert not leftovers(out)
 
 
 def test_same_inputs_give_identical_bytes(tmp_path: Path, tiny_ckpt: Path) -> None:
