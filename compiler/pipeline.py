@@ -5,6 +5,7 @@ import tvm
 from tvm import relax
 
 from awqc.passes.cpu_attention import FastCPUAttention
+from awqc.passes.shape_order import CanonicalShapeFuncOrder
 from awqc.schedules.cpu import cpu_schedule_pass
 
 from .targets import TargetSpec
@@ -40,6 +41,8 @@ def relax_pipeline(spec: TargetSpec) -> tvm.transform.Pass:
         relax.transform.LowerRuntimeBuiltin(),
         relax.transform.ComputePrimValue(),
         relax.transform.VMShapeLower(),
+        # VMShapeLower's store order follows object addresses: fix it, so equal inputs give equal bytes.
+        CanonicalShapeFuncOrder,
         relax.transform.AttachGlobalSymbol(),
     ]
 
