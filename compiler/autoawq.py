@@ -30,6 +30,7 @@ from awqc.passes.quantizer import QuantizedWeights, QuantScheme
 
 from .config import ModelConfig, config_from_hf
 from .model_import import ImportedModel, ModelImportError, check_weights
+from .models import FAMILIES
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output column ORDER[i] of its 8
 PACK = 8  # 4-bit values per int32
@@ -222,7 +223,7 @@ def load_autoawq_model(path: str | Path) -> tuple[ImportedModel, QuantizedWeight
 # ------------------------------------------------------------------------------- writing
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A Hugging Face config.json for the model (what config_from_hf reads back)."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.model_type]
+    arch = FAMILIES[cfg.model_type][0]
     out: dict[str, Any] = {
         "architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,

@@ -24,9 +24,9 @@ from awqc.passes.awq_scale import (ScaleResult, ScalingGroup, apply_scales, atte
 from awqc.passes.quantizer import QuantizedWeights, QuantScheme, is_quantized_linear, quantize, rtn_quantize
 
 from .calibrate import CalibrationStats
-from .llama import export_model
 from .config import ModelConfig
 from .model_import import ImportedModel, expected_shapes, weight_parts
+from .models import family
 from .targets import get_target
 
 AWQ_METHODS = ("awq", "awq+gptq")  # compile methods that calibrate
@@ -94,7 +94,7 @@ def quantized_shapes(cfg: ModelConfig, quantize_head: bool = False) -> dict[str,
 
 
 def _score_function(model: ImportedModel):
-    mod, named = export_model(model.config, "float32", get_target("host").target())
+    mod, named = family(model.config.model_type).export_model(model.config, "float32", get_target("host").target())
     return mod["score"], [n for n, _ in named]
 
 

@@ -27,8 +27,8 @@ from awqc.runtime.sampling import generation_defaults
 from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
 from .calibrate import CalibrationSettings
-from .llama import export_model
 from .model_import import ImportedModel, weight_parts
+from .models import family
 from .output import OutputError, check_output, install, make_staging_dir, staging_path
 from .pipeline import relax_pipeline, w4_scheduler
 from .targets import TargetSpec
@@ -194,7 +194,8 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
     layout = backend.layout if backend else K8
     tokenizer = tokenizer_info(model)  # checks the chat template
     quantized = set(shapes)
-    mod, named = export_model(model.config, dtype, spec.target(), separate_head="lm_head.weight" in quantized)
+    mod, named = family(model.config.model_type).export_model(model.config, dtype, spec.target(),
+                                                           separate_head="lm_head.weight" in quantized)
     names = [n for n, _ in named]
     param_names = quantized_param_names(names, quantized)
     tmp = staging_path(out)

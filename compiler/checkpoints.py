@@ -77,11 +77,12 @@ class SafetensorsCheckpoint:
 
 
 class GGUFCheckpoint:
-    """The tensors of a GGUF file, under Hugging Face names. The caller has run
+    """The tensors of a GGUF file, under the Hugging Face names `hf_names` lists (the family's
+    checkpoint names; gguf's name map finds each one's GGUF name). The caller has run
     check_gguf_header on it (the gguf package trusts the file's counts and lengths; the loader
     checks before transformers reads the header, so once is enough)."""
 
-    def __init__(self, path: Path, n_heads: int, n_kv_heads: int, n_layers: int):
+    def __init__(self, path: Path, n_heads: int, n_kv_heads: int, n_layers: int, hf_names: list[str]):
         import gguf
         try:
             reader = gguf.GGUFReader(str(path))
@@ -98,7 +99,7 @@ class GGUFCheckpoint:
         self._permute = arch == "llama"  # llama.cpp's converter permutes q/k rows only for this arch
         self._heads = {"q_proj": n_heads, "k_proj": n_kv_heads}
         self._tensors = {}
-        for hf in _hf_names(n_layers):
+        for hf in hf_names:
             stored = name_map.get_name(f"model.{hf}" if not hf.startswith("lm_head") else hf,
                                        try_suffixes=(".weight", ".bias"))
             if stored in by_gguf:
@@ -306,17 +307,6 @@ def _walk_tensor_info(cur: _GGUFCursor) -> tuple[str, int, int]:
     if nbytes > len(cur.data):
         raise cur.fail(f"tensor {name!r} has shape {dims} ({nbytes} bytes), larger than the file")
     return name, offset, nbytes
-
-
-def _hf_names(n_layers: int) -> list[str]:
-    """Every tensor name a Llama-family checkpoint may hold (biases included)."""
-    names = ["embed_tokens.weight", "norm.weight", "lm_head.weight"]
-    for i in range(n_layers):
-        p = f"layers.{i}"
-        names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
-        names += [f"{p}.self_attn.{x}_proj.{kind}" for x in "qkvo" for kind in ("weight", "bias")]
-        names += [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-    return names
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

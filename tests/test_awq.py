@@ -15,7 +15,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from awqc.compiler.awq import awq_quantize, rtn, torch_weights
 from awqc.compiler.calibrate import calibrate
 from awqc.compiler.evaluate import FloatEngine
-from awqc.compiler.llama import export_model
+from awqc.compiler.models.llama import export_model
 from awqc.compiler.model_import import load_model
 from awqc.compiler.targets import get_target
 from awqc.passes.awq_clip import diagonal_blocks, group_errors, search_layer_clip

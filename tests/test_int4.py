@@ -13,7 +13,7 @@ import tvm
 from awqc.compiler.build import write_artifact
 from awqc.compiler.awq import quantize_model
 from awqc.compiler.cli import main
-from awqc.compiler.llama import export_model
+from awqc.compiler.models.llama import export_model
 from awqc.compiler.model_import import load_model
 from awqc.compiler.pipeline import relax_pipeline
 from awqc.compiler.targets import get_target

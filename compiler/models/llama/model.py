@@ -17,7 +17,7 @@ from tvm.target import Target
 
 from awqc.passes.cpu_attention import use_cpu_rope
 
-from .config import ModelConfig
+from awqc.compiler.config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
@@ -31,9 +31,13 @@ class LlamaAttention(nn.Module):
         c = self.cfg
         b, s, _ = x.shape
         heads = c.num_attention_heads + 2 * c.num_key_value_heads
-        qkv = op.reshape(self.qkv_proj(x), (b, s, heads, c.head_dim))
+        qkv = self.norm_qk(op.reshape(self.qkv_proj(x), (b, s, heads, c.head_dim)))
         o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_attention_heads, sm_scale=c.head_dim ** -0.5)
         return self.o_proj(op.reshape(o, (b, s, c.num_attention_heads * c.head_dim)))
+
+    def norm_qk(self, qkv: Tensor) -> Tensor:
+        """[b, s, heads, head_dim] q/k/v before RoPE: as they are (Qwen3 normalizes q and k here)."""
+        return qkv
 
 
 class LlamaMLP(nn.Module):
@@ -47,10 +51,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention = LlamaAttention  # a family that changes only attention overrides this
+
     def __init__(self, cfg: ModelConfig, dtype: str):
         eps = cfg.rms_norm_eps
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False, dtype=dtype)
-        self.self_attn = LlamaAttention(cfg, dtype)
+        self.self_attn = self.attention(cfg, dtype)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False, dtype=dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
@@ -68,13 +74,15 @@ def _last_token(x: Tensor) -> Tensor:
 
 
 class LlamaForCausalLM(nn.Module):
+    layer = LlamaDecoderLayer
+
     def __init__(self, cfg: ModelConfig, dtype: str, target: Target, separate_head: bool = False):
         # separate_head: give a tied LM head its own parameter, so it can be quantized while
         # the embedding lookup stays float.
         self.cfg, self.dtype, self.target = cfg, dtype, target
         self.tied = cfg.tie_word_embeddings and not separate_head
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.layer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         if not self.tied:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
@@ -151,7 +159,12 @@ def export_spec() -> dict[str, Any]:
 def export_model(cfg: ModelConfig, dtype: str, target: Target,
                  separate_head: bool = False) -> tuple[Any, list[tuple[str, Any]]]:
     """The Relax IRModule of the model and its parameter list (name, nn.Parameter) in call order."""
-    model = LlamaForCausalLM(cfg, dtype, target, separate_head)
+    return export(LlamaForCausalLM(cfg, dtype, target, separate_head))
+
+
+def export(model: LlamaForCausalLM) -> tuple[Any, list[tuple[str, Any]]]:
+    """export_model for a model of this family or one derived from it."""
+    cfg, target = model.cfg, model.target
     mod, params = model.export_tvm(spec=export_spec())
     if target.kind.name == "llvm":  # the KV cache's RoPE kernel needs the model's RoPE parameters
         mod = use_cpu_rope(mod, cfg.rope_theta, *_tvm_rope(cfg.rope_scaling))

@@ -1,0 +1,29 @@
+"""The model families awqc compiles, by config.json's `model_type`.
+
+A family is one package here exposing:
+- `export_model(cfg, dtype, target, separate_head)` → (Relax IRModule, parameter list), its
+  `tvm.relax.frontend.nn` definition;
+- `expected_shapes(cfg)` → every awqc parameter name and shape;
+- `checkpoint_parts(name)` → the checkpoint tensors an awqc parameter is fused from;
+- `checkpoint_names(n_layers)` → every tensor name a checkpoint of the family may hold.
+Import, calibration, AWQ and the build read these instead of naming parameters themselves.
+Families are imported when first asked for: config validation needs only the tables below.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# model_type → (the transformers class of that name, the package here that defines it)
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "mistral": ("MistralForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "llama"),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+SUPPORTED_ARCHITECTURES = tuple(arch for arch, _ in FAMILIES.values())
+
+
+def family(model_type: str) -> ModuleType:
+    """The package defining `model_type` (a validated config's, so it is in FAMILIES)."""
+    return importlib.import_module(f"{__name__}.{FAMILIES[model_type][1]}")

@@ -1,0 +1,55 @@
+"""The Llama family's weight map: awqc's parameter names and shapes, which checkpoint tensors
+each is fused from, and every tensor name a checkpoint of the family may hold."""
+from __future__ import annotations
+
+from awqc.compiler.config import ModelConfig
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every float parameter awqc's Llama takes, with its shape."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for n in range(cfg.num_hidden_layers):
+        shapes.update(block_shapes(cfg, f"layers.{n}"))
+    return shapes
+
+
+def block_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """Decoder block `p`'s parameters, with their shapes."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
+              f"{p}.self_attn.qkv_proj.weight": (cfg.qkv_dim, h)}
+    if cfg.attention_bias:
+        shapes[f"{p}.self_attn.qkv_proj.bias"] = (cfg.qkv_dim,)
+    shapes[f"{p}.self_attn.o_proj.weight"] = (h, cfg.num_attention_heads * cfg.head_dim)
+    if cfg.o_proj_bias:
+        shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
+    shapes[f"{p}.mlp.gate_up_proj.weight"] = (2 * i, h)
+    shapes[f"{p}.mlp.down_proj.weight"] = (h, i)
+    return shapes
+
+
+def checkpoint_parts(name: str) -> list[str]:
+    """The checkpoint tensors an awqc parameter is made of (q/k/v and gate/up are fused)."""
+    if ".qkv_proj." in name:
+        return [name.replace("qkv_proj", f"{x}_proj") for x in "qkv"]
+    if ".gate_up_proj." in name:
+        return [name.replace("gate_up_proj", f"{x}_proj") for x in ("gate", "up")]
+    return [name]
+
+
+def checkpoint_names(n_layers: int) -> list[str]:
+    """Every tensor name a checkpoint of the family may hold (biases included), as Hugging Face
+    names them without the `model.` prefix."""
+    names = ["embed_tokens.weight", "norm.weight", "lm_head.weight"]
+    for i in range(n_layers):
+        names += block_checkpoint_names(f"layers.{i}")
+    return names
+
+
+def block_checkpoint_names(p: str) -> list[str]:
+    return ([f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
+            + [f"{p}.self_attn.{x}_proj.{kind}" for x in "qkvo" for kind in ("weight", "bias")]
+            + [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")])
