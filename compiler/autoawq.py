@@ -235,7 +235,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
         "torch_dtype": "float16",
     }
-    if cfg.model_type == "llama":
+    if cfg.model_type in ("llama", "qwen3"):  # Qwen2's q/k/v biases are implied by its type
         out["attention_bias"] = cfg.attention_bias
     if cfg.model_type == "mistral":
         out["sliding_window"] = None

@@ -1,4 +1,4 @@
-"""The compiled Llama family matches transformers on tiny random checkpoints."""
+"""Every compiled model family matches transformers on tiny random checkpoints."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +19,8 @@ VARIANTS = {
     "llama-attention-bias": dict(model_type="llama", attention_bias=True),
     "qwen2-qkv-bias": dict(model_type="qwen2", tie_word_embeddings=False),
     "mistral": dict(model_type="mistral", sliding_window=None, head_dim=16),
+    # per-head q/k RMSNorm; head_dim 24 is not hidden / heads, as in Qwen3's own configs
+    "qwen3-qk-norm": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=False),
     "llama3-rope": dict(model_type="llama", rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),

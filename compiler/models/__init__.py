@@ -19,6 +19,7 @@ FAMILIES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "mistral": ("MistralForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "llama"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 SUPPORTED_ARCHITECTURES = tuple(arch for arch, _ in FAMILIES.values())

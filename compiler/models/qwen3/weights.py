@@ -1,0 +1,24 @@
+"""Qwen3's weight map: Llama's, plus each block's per-head q/k norm weights."""
+from __future__ import annotations
+
+from awqc.compiler.config import ModelConfig
+from awqc.compiler.models.llama import weights as llama
+from awqc.compiler.models.llama.weights import checkpoint_parts
+
+_QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every float parameter awqc's Qwen3 takes, with its shape."""
+    shapes = llama.expected_shapes(cfg)
+    for n in range(cfg.num_hidden_layers):
+        shapes.update({f"layers.{n}.{w}": (cfg.head_dim,) for w in _QK_NORMS})
+    return shapes
+
+
+def checkpoint_names(n_layers: int) -> list[str]:
+    """Every tensor name a Qwen3 checkpoint may hold, without the `model.` prefix."""
+    return llama.checkpoint_names(n_layers) + [f"layers.{n}.{w}" for n in range(n_layers) for w in _QK_NORMS]
+
+
+__all__ = ["checkpoint_names", "checkpoint_parts", "expected_shapes"]

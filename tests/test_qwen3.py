@@ -1,0 +1,94 @@
+"""Qwen3 (per-head q/k RMSNorm): AWQ finds its groups from the graph, scales fold without
+changing its function, calibration runs transformers' Qwen3 layer, and its int4 artifact equals
+the fake-quant reference. (Float logits against transformers: test_model.py's qwen3 variant.)"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from awqc.compiler.awq import awq_quantize, quantize_model, rtn, torch_weights
+from awqc.compiler.build import write_artifact
+from awqc.compiler.calibrate import calibrate
+from awqc.compiler.evaluate import FloatEngine
+from awqc.compiler.model_import import load_model
+from awqc.compiler.models import family
+from awqc.compiler.targets import get_target
+from awqc.passes.awq_scale import ScaleResult, apply_scales, find_scaling_groups
+from awqc.passes.quantizer import QuantScheme
+from awqc.runtime.engine import Engine
+
+from conftest import make_checkpoint, rel_err
+
+QWEN3 = dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False, attention_bias=True)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory):
+    return load_model(str(make_checkpoint(tmp_path_factory.mktemp("qwen3") / "ckpt", seed=11, **QWEN3)))
+
+
+def _groups(model):
+    mod, named = family("qwen3").export_model(model.config, "float32", get_target("host").target())
+    return find_scaling_groups(mod["score"], [n for n, _ in named])
+
+
+def test_groups_are_the_architectures(qwen3) -> None:
+    """From Qwen3's definition (transformers' modeling_qwen3): per layer, input_layernorm feeds
+    q/k/v, post_attention_layernorm feeds gate/up, v feeds o_proj, up feeds down_proj; the final
+    norm feeds the head. q_norm/k_norm sit between q/k and RoPE, so they feed no linear and
+    start no group."""
+    found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in _groups(qwen3)}
+    expected = {("norm.weight", ("lm_head.weight",))}
+    for i in range(qwen3.config.num_hidden_layers):
+        p = f"layers.{i}"
+        expected |= {(f"{p}.input_layernorm.weight", (f"{p}.self_attn.qkv_proj.weight",)),
+                     (f"{p}.post_attention_layernorm.weight", (f"{p}.mlp.gate_up_proj.weight",)),
+                     (f"{p}.self_attn.qkv_proj.weight", (f"{p}.self_attn.o_proj.weight",)),
+                     (f"{p}.mlp.gate_up_proj.weight", (f"{p}.mlp.down_proj.weight",))}
+    assert found == expected
+
+
+def test_scales_fold_without_changing_the_model(qwen3) -> None:
+    """Arbitrary scales in every group: the compiled float model's logits stay the same (a scale
+    on q or k rows would not survive their RMSNorm; none is applied there)."""
+    groups = _groups(qwen3)
+    gen = torch.Generator().manual_seed(0)
+    results = {i: ScaleResult(torch.rand(len(g.channels), generator=gen) * 4 + 0.25, 0.5, 0.0, 0.0)
+               for i, g in enumerate(groups)}
+    scaled = apply_scales(torch_weights(qwen3), groups, results)
+    fe = FloatEngine(qwen3, context_window=128)
+    ids = list(np.random.RandomState(0).randint(3, 300, size=60))
+    assert rel_err(fe.use(scaled).score(ids), fe.use(None).score(ids)) < 2e-5
+
+
+def test_awq_beats_rtn_and_its_int4_artifact_is_its_fake_quant(qwen3, tmp_path: Path) -> None:
+    model = dataclasses.replace(qwen3, weights=dict(qwen3.weights))
+    for name, w in model.weights.items():  # a few hidden channels with 20x larger activations
+        if name.endswith("layernorm.weight"):
+            w[:3] *= 20.0
+    rs = np.random.RandomState(0)
+    stats = calibrate(model, [list(rs.randint(3, 300, size=64)) for _ in range(8)], progress=False)
+    scheme = QuantScheme(group_size=32)
+    res = awq_quantize(model, scheme, stats, progress=False)
+    fe = FloatEngine(model, context_window=128)
+    held_out = [list(rs.randint(3, 300, size=64)) for _ in range(3)]
+    ref = [fe.use(None).score(ids) for ids in held_out]
+
+    def error(weights) -> float:
+        engine = fe.use(weights)
+        return float(np.mean([((engine.score(ids) - r) ** 2).mean() for ids, r in zip(held_out, ref)]))
+
+    assert error(res.weights.dequantized()) < 0.8 * error(rtn(model, scheme).dequantized())
+
+    quant = quantize_model(model, "awq", scheme, stats=stats)
+    int4 = Engine(write_artifact(tmp_path / "int4", model, get_target("host"), "float32", 128, quant=quant,
+                                 method="awq"))
+    fake = dataclasses.replace(model, weights={k: v.numpy() for k, v in quant.dequantized().items()})
+    ref_engine = Engine(write_artifact(tmp_path / "fake", fake, get_target("host"), "float32", 128))
+    ids = held_out[0]
+    assert rel_err(int4.score(ids), ref_engine.score(ids)) < 1e-5
+    assert list(int4.generate(ids, 6)) == list(ref_engine.generate(ids, 6))
