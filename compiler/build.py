@@ -27,6 +27,7 @@ from awqc.runtime.sampling import generation_defaults
 from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
 from .calibrate import CalibrationSettings
+from .config import check_context_window
 from .model_import import ImportedModel, weight_parts
 from .models import family
 from .output import OutputError, check_output, install, make_staging_dir, staging_path
@@ -188,6 +189,7 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
            parts: Callable[[Any, list[str]], Iterable[Part]]) -> Path:
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
+    check_context_window(model.config, context_window)
     check_output(out, force, [Path(model.source)])
     check_int8_activations(spec, scheme, dtype)
     backend = w4_backend(spec, scheme, shapes.values()) if scheme is not None else None

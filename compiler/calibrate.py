@@ -214,6 +214,11 @@ class BlockCalibrator:
         self.cfg = model.config
         self._hf, self._layer_cls, rotary_cls, self._norm_cls = _family(model.config)
         ids = np.asarray(samples, dtype=np.int64)
+        window = self.cfg.sliding_window
+        if window is not None and ids.shape[1] > window:  # the layers here attend over the whole sample
+            raise CalibrationError(
+                f"calibration samples of {ids.shape[1]} tokens are longer than the model's sliding attention "
+                f"window ({window} tokens), past which its artifact never runs: use --calib-seq-len {window} or less")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise CalibrationError(f"calibration token ids reach {ids.max()}, past the model's vocabulary of "
                                    f"{self.cfg.vocab_size}; the tokenizer does not belong to this model")

@@ -7,8 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from awqc.runtime import cli as runtime_cli
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 DESCRIPTION = """\
 awqc compiles Llama-family language models with Apache TVM into a deployable artifact
@@ -85,7 +89,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     check_output(args.output, args.force, inputs)
     t0 = time.time()
     model = load_model(args.model)
-    window = context_window(args.context_window, model.config.max_position_embeddings)
+    window = context_window(args.context_window, model.config)
     quant = None
     if scheme is not None:
         quant = QuantConfig(scheme, method, args.quantize_head, calibration_settings(args))
@@ -116,14 +120,18 @@ QUANT_METHODS = ("rtn", "awq", "awq+gptq")
 DEFAULT_MAX_CONTEXT = 4096
 
 
-def context_window(requested: int | None, model_max: int) -> int:
+def context_window(requested: int | None, cfg: ModelConfig) -> int:
     """--context-window, or the model's own at most 4096; never more than the model was trained for
-    (the KV cache of a window the model cannot use only costs memory)."""
+    (the KV cache of a window the model cannot use only costs memory), nor than its sliding
+    attention window (see check_context_window)."""
     if requested is None:
-        return min(model_max, DEFAULT_MAX_CONTEXT)
-    if requested > model_max:
+        return min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT, cfg.sliding_window or DEFAULT_MAX_CONTEXT)
+    if requested > cfg.max_position_embeddings:
         raise ValueError(f"--context-window {requested} is longer than the model's max_position_embeddings "
-                         f"({model_max}); use at most {model_max}")
+                         f"({cfg.max_position_embeddings}); use at most {cfg.max_position_embeddings}")
+    from .config import check_context_window
+
+    check_context_window(cfg, requested)
     return requested
 
 

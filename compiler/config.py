@@ -33,6 +33,10 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     model_type: str = "llama"
+    # Sliding-window attention's window, where it applies (None: full attention). awqc computes full
+    # attention, which is the same function while a sequence fits the window, so an artifact's
+    # context window is capped at it.
+    sliding_window: int | None = None
 
     @property
     def kv_dim(self) -> int:
@@ -159,16 +163,19 @@ def _check_supported(hf: dict[str, Any]) -> str:
     return model_type
 
 
-def _check_attention_window(hf: dict[str, Any], model_type: str, max_positions: int) -> None:
-    # As transformers: Qwen2 slides only with use_sliding_window, Mistral whenever sliding_window is set.
+def _attention_window(hf: dict[str, Any], model_type: str, max_positions: int) -> int | None:
+    """The sliding window where it narrows attention in some layer, else None. As transformers:
+    Qwen2 and Qwen3 slide only with use_sliding_window, Mistral whenever sliding_window is set."""
     window = hf.get("sliding_window")
     if window is None:
-        return
+        return None
     _check_int("sliding_window", window, 0, 2**31)
-    if window and _bool(hf, "use_sliding_window", model_type == "mistral") and window < max_positions:
-        raise UnsupportedModelError(
-            f"sliding-window attention (window {window}) is not supported; "
-            "supported: full attention (sliding_window null or >= max_position_embeddings)")
+    if not (window and _bool(hf, "use_sliding_window", model_type == "mistral") and window < max_positions):
+        return None
+    layer_types = hf.get("layer_types")  # Qwen's: which layers slide (those past max_window_layers)
+    if isinstance(layer_types, list) and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 # ------------------------------------------------------------------------------- RoPE
@@ -310,7 +317,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         if head_dim % 2:  # RoPE rotates pairs of dimensions
             raise _bad("head_dim", head_dim, f"an even integer from 2 to {MAX_HEAD_DIM} (RoPE rotates pairs)")
     max_positions = _int(hf, "max_position_embeddings", 1, MAX_POSITIONS, default=2048)
-    _check_attention_window(hf, model_type, max_positions)
+    window = _attention_window(hf, model_type, max_positions)
     theta, scaling = _rope(hf)
     bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
     attention_bias = _bool(hf, "attention_bias", False)
@@ -333,7 +340,19 @@ def config_from_hf(hf: Any) -> ModelConfig:
         bos_token_id=bos[0] if bos else None,
         eos_token_ids=_token_ids(hf, "eos_token_id", vocab, allow_list=True),
         model_type=model_type,
+        sliding_window=window,
     )
+
+
+def check_context_window(cfg: ModelConfig, context_window: int) -> None:
+    """Refuse a context window past the model's sliding attention window: awqc's kernels compute
+    full attention, the same function only while a sequence fits in the window."""
+    w = cfg.sliding_window
+    if w is not None and context_window > w:
+        raise UnsupportedModelError(
+            f"a context window of {context_window} tokens is longer than the model's sliding attention window "
+            f"({w} tokens); awqc computes full attention, which equals sliding-window attention only within the "
+            f"window: use --context-window {w} or less")
 
 
 def check_vocab(cfg: ModelConfig, n_tokens: int, source: str) -> None:

@@ -288,3 +288,25 @@ def test_cli_refuses_negative_layers(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert "num_hidden_layers" in err and "-1" in err and "Traceback" not in err
     assert not out.exists()
+
+
+SLIDING = {
+    "mistral-window": ("mistral", dict(sliding_window=64)),
+    "mistral-window-past-positions": ("mistral", dict(sliding_window=512)),
+    "mistral-no-window": ("mistral", dict(sliding_window=None)),
+    "qwen2-window-unused": ("qwen2", dict(sliding_window=64)),
+    "qwen2-window-used": ("qwen2", dict(sliding_window=64, use_sliding_window=True, max_window_layers=1)),
+    "qwen2-window-no-layer-slides": ("qwen2", dict(sliding_window=64, use_sliding_window=True, max_window_layers=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(SLIDING))
+def test_sliding_window_is_where_transformers_slides(name: str, tmp_path: Path) -> None:
+    """The window is recorded exactly where transformers' config makes some layer slide over fewer
+    positions than the model has (TINY: 2 layers, 256 positions)."""
+    model_type, kw = SLIDING[name]
+    hf = hf_dict(model_type, **kw)
+    ref = load_with_transformers(hf, tmp_path)
+    slides = ref.sliding_window is not None and ref.sliding_window < ref.max_position_embeddings and (
+        "sliding_attention" in (getattr(ref, "layer_types", None) or ["sliding_attention"]))
+    assert config_from_hf(hf).sliding_window == (ref.sliding_window if slides else None)
