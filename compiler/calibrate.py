@@ -37,6 +37,7 @@ import torch
 from ..passes.awq_scale import SecondMoment
 from .config import ModelConfig
 from .model_import import ImportedModel, block_params
+from .models import family
 from .text_data import default_calibration_text, read_text, token_windows, tokenize
 
 DEFAULT_SAMPLES = 128
@@ -45,10 +46,6 @@ DEFAULT_GRAM_TOKENS = 128  # per sample: 16k tokens for the Gram at the defaults
 _BATCH = 8  # samples per block forward
 CACHE_FORMAT = "awqc-calibration/3"
 
-# A decoder block's linears whose inputs are tapped: transformers' module → awqc's (fused) weight.
-# q/k/v share q_proj's input and gate/up share gate_proj's.
-_TAPS = {"self_attn.q_proj": "self_attn.qkv_proj.weight", "self_attn.o_proj": "self_attn.o_proj.weight",
-         "mlp.gate_proj": "mlp.gate_up_proj.weight", "mlp.down_proj": "mlp.down_proj.weight"}
 HEAD = "lm_head.weight"
 
 
@@ -137,23 +134,6 @@ def _family(cfg: ModelConfig):
             getattr(module, f"{prefix}RMSNorm"))
 
 
-def _unfused(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """A block's awqc weights as transformers' decoder layer names them (fused ones split, as views)."""
-    q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
-    out = {}
-    for name, w in weights.items():
-        local = name.removeprefix(prefix)
-        if ".qkv_proj." in local:
-            for x, part in zip("qkv", torch.split(w, [q, kv, kv], 0)):
-                out[local.replace("qkv_proj", f"{x}_proj")] = part
-        elif ".gate_up_proj." in local:
-            for x, part in zip(("gate", "up"), torch.split(w, [inter, inter], 0)):
-                out[local.replace("gate_up_proj", f"{x}_proj")] = part
-        else:
-            out[local] = w
-    return out
-
-
 class _Accumulator:
     """Running sums for one tapped input. The Gram's token rows are kept as they are while there
     are fewer of them than input features (a 7B model's layers at 16 samples), else summed into
@@ -212,6 +192,7 @@ class BlockCalibrator:
         if len({len(s) for s in samples}) != 1:
             raise CalibrationError("calibration samples must all have the same length")
         self.cfg = model.config
+        self._family = family(model.config.model_type)
         self._hf, self._layer_cls, rotary_cls, self._norm_cls = _family(model.config)
         ids = np.asarray(samples, dtype=np.int64)
         window = self.cfg.sliding_window
@@ -256,10 +237,10 @@ class BlockCalibrator:
         prefix = f"layers.{i}."
         with torch.device("meta"):
             layer = self._layer_cls(self._hf, i)
-        layer.load_state_dict(_unfused(self.cfg, weights, prefix), assign=True, strict=True)
+        layer.load_state_dict(self._family.hf_block_weights(self.cfg, weights, prefix), assign=True, strict=True)
         layer.eval().to(self.device)
         accs, hooks, current = [], [], {}
-        for module, weight in _TAPS.items():
+        for module, weight in self._family.HF_TAPS.items():
             acc = _Accumulator((prefix + weight,), weights[prefix + weight].shape[1], self.device)
             accs.append(acc)
             hooks.append(layer.get_submodule(module).register_forward_pre_hook(
@@ -325,7 +306,7 @@ def _tapped(cfg: ModelConfig, head: bool) -> list[tuple[str, int]]:
 
     shapes = expected_shapes(cfg)
     out = [(f"layers.{i}.{w}", shapes[f"layers.{i}.{w}"][1]) for i in range(cfg.num_hidden_layers)
-           for w in _TAPS.values()]
+           for w in family(cfg.model_type).HF_TAPS.values()]
     return out + ([(HEAD, cfg.hidden_size)] if head else [])
 
 

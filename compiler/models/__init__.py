@@ -5,7 +5,10 @@ A family is one package here exposing:
   `tvm.relax.frontend.nn` definition;
 - `expected_shapes(cfg)` → every awqc parameter name and shape;
 - `checkpoint_parts(name)` → the checkpoint tensors an awqc parameter is fused from;
-- `checkpoint_names(n_layers)` → every tensor name a checkpoint of the family may hold.
+- `checkpoint_names(n_layers)` → every tensor name a checkpoint of the family may hold;
+- `hf_block_weights(cfg, weights, prefix)` → a block's awqc weights under the names of
+  transformers' decoder layer, and `HF_TAPS` (that layer's linears whose inputs calibration taps
+  → the awqc weight each feeds): calibration runs transformers' own layer for its family.
 Import, calibration, AWQ and the build read these instead of naming parameters themselves.
 Families are imported when first asked for: config validation needs only the tables below.
 """

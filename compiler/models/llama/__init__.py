@@ -1,6 +1,7 @@
 """Llama, Mistral (full attention) and Qwen2: one definition, their differences (biases) read
 from the config."""
 from .model import export_model
-from .weights import checkpoint_names, checkpoint_parts, expected_shapes
+from .weights import HF_TAPS, checkpoint_names, checkpoint_parts, expected_shapes, hf_block_weights
 
-__all__ = ["checkpoint_names", "checkpoint_parts", "expected_shapes", "export_model"]
+__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "expected_shapes", "export_model",
+           "hf_block_weights"]

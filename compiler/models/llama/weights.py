@@ -2,7 +2,16 @@
 each is fused from, and every tensor name a checkpoint of the family may hold."""
 from __future__ import annotations
 
+from typing import Mapping
+
+import torch
+
 from awqc.compiler.config import ModelConfig
+
+# A decoder block's linears whose inputs calibration taps: transformers' module → awqc's (fused)
+# weight. q/k/v share q_proj's input and gate/up share gate_proj's.
+HF_TAPS = {"self_attn.q_proj": "self_attn.qkv_proj.weight", "self_attn.o_proj": "self_attn.o_proj.weight",
+           "mlp.gate_proj": "mlp.gate_up_proj.weight", "mlp.down_proj": "mlp.down_proj.weight"}
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -53,3 +62,20 @@ def block_checkpoint_names(p: str) -> list[str]:
     return ([f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
             + [f"{p}.self_attn.{x}_proj.{kind}" for x in "qkvo" for kind in ("weight", "bias")]
             + [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")])
+
+
+def hf_block_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A block's awqc weights as transformers' decoder layer names them (fused ones split, as views)."""
+    q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
+    out = {}
+    for name, w in weights.items():
+        local = name.removeprefix(prefix)
+        if ".qkv_proj." in local:
+            for x, part in zip("qkv", torch.split(w, [q, kv, kv], 0)):
+                out[local.replace("qkv_proj", f"{x}_proj")] = part
+        elif ".gate_up_proj." in local:
+            for x, part in zip(("gate", "up"), torch.split(w, [inter, inter], 0)):
+                out[local.replace("gate_up_proj", f"{x}_proj")] = part
+        else:
+            out[local] = w
+    return out

@@ -1,5 +1,6 @@
 """Qwen3 (dense): Llama with per-head q/k RMSNorm."""
 from .model import export_model
-from .weights import checkpoint_names, checkpoint_parts, expected_shapes
+from .weights import HF_TAPS, checkpoint_names, checkpoint_parts, expected_shapes, hf_block_weights
 
-__all__ = ["checkpoint_names", "checkpoint_parts", "expected_shapes", "export_model"]
+__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "expected_shapes", "export_model",
+           "hf_block_weights"]
