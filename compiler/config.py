@@ -179,6 +179,19 @@ def _attention_window(hf: dict[str, Any], model_type: str, max_positions: int) -
 
 
 # ------------------------------------------------------------------------------- RoPE
+def _check_full_rotary(hf: dict[str, Any]) -> None:
+    """RoPE over the whole head (Phi-3's partial_rotary_factor 1.0): the KV cache's rotary kernels
+    rotate head_dim dimensions."""
+    params = hf.get("rope_parameters")
+    for where, holder in (("partial_rotary_factor", hf),
+                          ("rope_parameters.partial_rotary_factor", params if isinstance(params, dict) else {})):
+        factor = holder.get("partial_rotary_factor")
+        if factor is not None and factor != 1.0:
+            raise UnsupportedModelError(
+                f"config.json field {where!r} is {_show(factor)}: RoPE on part of each head is not supported; "
+                "supported: 1.0 (RoPE over the whole head)")
+
+
 # transformers 5 (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict / standardize_rope_params in
 # modeling_rope_utils.py) resolves RoPE from config.json like this:
 #   * the dict used is `rope_scaling or rope_parameters`: a non-empty rope_scaling (the transformers 4
@@ -318,6 +331,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
             raise _bad("head_dim", head_dim, f"an even integer from 2 to {MAX_HEAD_DIM} (RoPE rotates pairs)")
     max_positions = _int(hf, "max_position_embeddings", 1, MAX_POSITIONS, default=2048)
     window = _attention_window(hf, model_type, max_positions)
+    _check_full_rotary(hf)
     theta, scaling = _rope(hf)
     bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
     attention_bias = _bool(hf, "attention_bias", False)

@@ -23,8 +23,8 @@ def hf_dict(model_type: str = "llama", **kw: Any) -> dict[str, Any]:
     from transformers import AutoConfig
 
     d = AutoConfig.for_model(model_type, **{**TINY, **kw}).to_dict()
-    d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "mistral": "MistralForCausalLM"}[model_type]]
+    d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                           "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}[model_type]]
     return json.loads(json.dumps(d))  # exactly what a config.json round trip gives
 
 
@@ -238,6 +238,8 @@ VALID = {
     "linear-rope": lambda: hf_dict(rope_scaling=LINEAR2),
     "qwen2": lambda: hf_dict("qwen2", bos_token_id=None, eos_token_id=5),
     "mistral-head-dim": lambda: hf_dict("mistral", sliding_window=None, head_dim=32),
+    "qwen3": lambda: hf_dict("qwen3", head_dim=24),
+    "phi3": lambda: hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "mha-no-kv-heads": lambda: {k: v for k, v in hf_dict(num_key_value_heads=4).items()
                                 if k not in ("num_key_value_heads", "head_dim")},
     # transformers 4 spelling: no rope_parameters, top-level theta, legacy "type"
@@ -310,3 +312,9 @@ def test_sliding_window_is_where_transformers_slides(name: str, tmp_path: Path) 
     slides = ref.sliding_window is not None and ref.sliding_window < ref.max_position_embeddings and (
         "sliding_attention" in (getattr(ref, "layer_types", None) or ["sliding_attention"]))
     assert config_from_hf(hf).sliding_window == (ref.sliding_window if slides else None)
+
+
+def test_partial_rotary_is_refused() -> None:
+    hf = hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75)
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor.* is 0.75: RoPE on part of each head"):
+        config_from_hf(hf)

@@ -22,6 +22,8 @@ VARIANTS = {
     "mistral": dict(model_type="mistral", sliding_window=None, head_dim=16),
     # per-head q/k RMSNorm; head_dim 24 is not hidden / heads, as in Qwen3's own configs
     "qwen3-qk-norm": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=False),
+    # q/k/v and gate/up fused in the checkpoint itself
+    "phi3-fused-checkpoint": dict(model_type="phi3", pad_token_id=0),
     "llama3-rope": dict(model_type="llama", rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),

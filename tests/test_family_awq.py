@@ -1,6 +1,6 @@
-"""Qwen3 (per-head q/k RMSNorm): AWQ finds its groups from the graph, scales fold without
-changing its function, calibration runs transformers' Qwen3 layer, and its int4 artifact equals
-the fake-quant reference. (Float logits against transformers: test_model.py's qwen3 variant.)"""
+"""AWQ on each family beyond Llama: it finds the groups of the family's graph, scales fold
+without changing its function, calibration runs transformers' own layer of the family, and the
+int4 artifact equals its fake-quant reference. (Float logits against transformers: test_model.py.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -23,27 +23,33 @@ from awqc.runtime.engine import Engine
 
 from conftest import make_checkpoint, rel_err
 
-QWEN3 = dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False, attention_bias=True)
+FAMILIES = {
+    # per-head q/k RMSNorm between the projections and RoPE
+    "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False, attention_bias=True),
+    # q/k/v and gate/up fused in the checkpoint
+    "phi3": dict(model_type="phi3", pad_token_id=0, tie_word_embeddings=False),
+}
 
 
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory: pytest.TempPathFactory):
-    return load_model(str(make_checkpoint(tmp_path_factory.mktemp("qwen3") / "ckpt", seed=11, **QWEN3)))
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", seed=11, **FAMILIES[request.param])
+    return load_model(str(ckpt))
 
 
 def _groups(model):
-    mod, named = family("qwen3").export_model(model.config, "float32", get_target("host").target())
+    mod, named = family(model.config.model_type).export_model(model.config, "float32", get_target("host").target())
     return find_scaling_groups(mod["score"], [n for n, _ in named])
 
 
-def test_groups_are_the_architectures(qwen3) -> None:
-    """From Qwen3's definition (transformers' modeling_qwen3): per layer, input_layernorm feeds
-    q/k/v, post_attention_layernorm feeds gate/up, v feeds o_proj, up feeds down_proj; the final
-    norm feeds the head. q_norm/k_norm sit between q/k and RoPE, so they feed no linear and
-    start no group."""
-    found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in _groups(qwen3)}
+def test_groups_are_the_architectures(model) -> None:
+    """From the definitions in transformers (modeling_qwen3, modeling_phi3): per layer,
+    input_layernorm feeds q/k/v, post_attention_layernorm feeds gate/up, v feeds o_proj, up feeds
+    down_proj; the final norm feeds the untied head. Qwen3's q_norm/k_norm sit between q/k and
+    RoPE, so they feed no linear and start no group."""
+    found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in _groups(model)}
     expected = {("norm.weight", ("lm_head.weight",))}
-    for i in range(qwen3.config.num_hidden_layers):
+    for i in range(model.config.num_hidden_layers):
         p = f"layers.{i}"
         expected |= {(f"{p}.input_layernorm.weight", (f"{p}.self_attn.qkv_proj.weight",)),
                      (f"{p}.post_attention_layernorm.weight", (f"{p}.mlp.gate_up_proj.weight",)),
@@ -52,21 +58,21 @@ def test_groups_are_the_architectures(qwen3) -> None:
     assert found == expected
 
 
-def test_scales_fold_without_changing_the_model(qwen3) -> None:
+def test_scales_fold_without_changing_the_model(model) -> None:
     """Arbitrary scales in every group: the compiled float model's logits stay the same (a scale
     on q or k rows would not survive their RMSNorm; none is applied there)."""
-    groups = _groups(qwen3)
+    groups = _groups(model)
     gen = torch.Generator().manual_seed(0)
     results = {i: ScaleResult(torch.rand(len(g.channels), generator=gen) * 4 + 0.25, 0.5, 0.0, 0.0)
                for i, g in enumerate(groups)}
-    scaled = apply_scales(torch_weights(qwen3), groups, results)
-    fe = FloatEngine(qwen3, context_window=128)
+    scaled = apply_scales(torch_weights(model), groups, results)
+    fe = FloatEngine(model, context_window=128)
     ids = list(np.random.RandomState(0).randint(3, 300, size=60))
     assert rel_err(fe.use(scaled).score(ids), fe.use(None).score(ids)) < 2e-5
 
 
-def test_awq_beats_rtn_and_its_int4_artifact_is_its_fake_quant(qwen3, tmp_path: Path) -> None:
-    model = dataclasses.replace(qwen3, weights=dict(qwen3.weights))
+def test_awq_beats_rtn_and_its_int4_artifact_is_its_fake_quant(model, tmp_path: Path) -> None:
+    model = dataclasses.replace(model, weights=dict(model.weights))
     for name, w in model.weights.items():  # a few hidden channels with 20x larger activations
         if name.endswith("layernorm.weight"):
             w[:3] *= 20.0
