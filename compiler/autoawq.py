@@ -80,6 +80,17 @@ def from_gemm(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray
 
 
 # ------------------------------------------------------------------------------- names
+# AutoAWQ quantizes q/k/v and gate/up as separate linears in these families; Phi-3 fuses them
+# (one qkv_proj), a layout this module does not read or write yet.
+_SEPARATE_LINEARS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _check_layout(cfg: ModelConfig) -> None:
+    if cfg.model_type not in _SEPARATE_LINEARS:
+        raise AutoAWQError(f"AutoAWQ checkpoints of model_type {cfg.model_type!r} are not supported; supported: "
+                           f"{', '.join(_SEPARATE_LINEARS)} (compile the float checkpoint with --quant awq-… instead)")
+
+
 def _linears(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, int, int]]:
     """HF linear prefix → (awqc fused weight name, N, K) for one decoder layer."""
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -170,6 +181,7 @@ def read_autoawq(path: str | Path) -> tuple[ModelConfig, QuantizedWeights]:
         raise AutoAWQError(f"{path} has no AWQ quantization config (config.json quantization_config or quant_config.json)")
     _check_quant_config(q, path)
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    _check_layout(cfg)
     group = q["group_size"]
     tensors = _read_tensors(path)
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -237,8 +249,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.model_type in ("llama", "qwen3"):  # Qwen2's q/k/v biases are implied by its type
         out["attention_bias"] = cfg.attention_bias
-    if cfg.model_type == "mistral":
-        out["sliding_window"] = None
+    if cfg.model_type == "mistral":  # Mistral slides in every layer whenever sliding_window is set
+        out["sliding_window"] = cfg.sliding_window
+    elif cfg.sliding_window is not None:  # Qwen: which layers slide is not kept; calibration needs none
+        out.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0)
     return out
 
 
@@ -250,6 +264,10 @@ def write_autoawq(out: str | Path, cfg: ModelConfig, qw: QuantizedWeights, token
     """Write awqc's quantized weights as an AutoAWQ GEMM checkpoint directory (fp16 floats)."""
     from safetensors.numpy import save_file
 
+    _check_layout(cfg)
+    if cfg.sliding_window is not None and cfg.model_type != "mistral":
+        raise AutoAWQError(f"writing an AutoAWQ checkpoint of a {cfg.model_type} model with sliding-window layers is "
+                           "not supported: awqc does not keep which of its layers slide")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = qw.scheme.group_size

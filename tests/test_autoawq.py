@@ -116,3 +116,35 @@ def test_eval_reads_an_autoawq_checkpoint(exported: Path, model, tmp_path: Path,
     assert main(["eval", "--model", str(exported), "--text", str(text), "--windows", "1", "--window-len", "32",
                  "--quiet"]) == 0
     assert "| float | – |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("llama", dict(attention_bias=True)), ("mistral", dict(sliding_window=48)), ("qwen2", {}),
+    ("qwen3", dict(head_dim=24)), ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+])
+def test_config_json_round_trips(model_type: str, kw: dict) -> None:
+    """The config.json written beside AutoAWQ weights (and given to transformers' layers in
+    calibration) reads back as the same model, for every family."""
+    from transformers import AutoConfig
+
+    from awqc.compiler.autoawq import hf_config
+    from awqc.compiler.config import config_from_hf
+    from awqc.compiler.models import FAMILIES
+
+    hf = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                              **kw).to_dict()
+    cfg = config_from_hf({**hf, "architectures": [FAMILIES[model_type][0]]})
+    assert config_from_hf(hf_config(cfg)) == cfg
+    assert model_type != "mistral" or cfg.sliding_window == 48
+
+
+def test_phi3_autoawq_is_refused_before_writing(tmp_path: Path) -> None:
+    from awqc.compiler.autoawq import AutoAWQError, write_autoawq
+    from awqc.compiler.awq import quantize_model
+
+    model = load_model(str(make_checkpoint(tmp_path / "ckpt", model_type="phi3", pad_token_id=0)))
+    qw = quantize_model(model, "rtn", QuantScheme(group_size=32))
+    with pytest.raises(AutoAWQError, match="model_type 'phi3' are not supported"):
+        write_autoawq(tmp_path / "out", model.config, qw)
+    assert not (tmp_path / "out").exists()
