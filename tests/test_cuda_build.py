@@ -246,6 +246,28 @@ def test_tiny_int4_model_builds(tiny_cuda_artifacts: dict[str, Path], target: st
     assert manifest["dtype"] == "float16" and manifest["quantization"]["layout"] == "k8"
 
 
+FAMILY_CKPTS = {"qwen3": dict(model_type="qwen3", head_dim=32), "phi3": dict(model_type="phi3", pad_token_id=0)}
+
+
+def test_other_families_build_for_cuda(tmp_path: Path) -> None:
+    """Qwen3's per-head q/k norms and Phi-3's checkpoint layout through the CUDA path: each
+    family's int4 fp16 artifact compiles for sm_80 with every kernel bound to threads."""
+    env = {**os.environ, "AWQC_CACHE_DIR": str(tmp_path / "cache")}
+    jobs = {}
+    for fam, kw in FAMILY_CKPTS.items():
+        ckpt = make_checkpoint(tmp_path / f"{fam}-ckpt", seed=7, intermediate_size=128, **kw)
+        jobs[fam] = [sys.executable, "-m", "awqc.compiler.cli", "compile", "--model", str(ckpt), "--target",
+                     "cuda-sm80", "--dtype", "float16", "--quant", "rtn-w4g32", "--context-window", "128",
+                     "-o", str(tmp_path / fam)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(jobs, pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, env=env),
+                                          jobs.values())))
+    for fam, r in results.items():
+        assert r.returncode == 0, (fam, r.stderr[-2000:])
+        manifest = check_cuda_artifact(tmp_path / fam, "cuda-sm80")
+        assert manifest["model"]["model_type"] == fam
+
+
 @pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA device")
 def test_cuda_artifact_refused_without_gpu(tiny_cuda_artifacts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     from awqc.runtime.engine import Engine
