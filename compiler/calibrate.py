@@ -192,7 +192,7 @@ class BlockCalibrator:
         if len({len(s) for s in samples}) != 1:
             raise CalibrationError("calibration samples must all have the same length")
         self.cfg = model.config
-        self._family = family(model.config.model_type)
+        self._weight_map = family(model.config.model_type)
         self._hf, self._layer_cls, rotary_cls, self._norm_cls = _family(model.config)
         ids = np.asarray(samples, dtype=np.int64)
         window = self.cfg.sliding_window
@@ -237,10 +237,10 @@ class BlockCalibrator:
         prefix = f"layers.{i}."
         with torch.device("meta"):
             layer = self._layer_cls(self._hf, i)
-        layer.load_state_dict(self._family.hf_block_weights(self.cfg, weights, prefix), assign=True, strict=True)
+        layer.load_state_dict(self._weight_map.hf_block_weights(self.cfg, weights, prefix), assign=True, strict=True)
         layer.eval().to(self.device)
         accs, hooks, current = [], [], {}
-        for module, weight in self._family.HF_TAPS.items():
+        for module, weight in self._weight_map.HF_TAPS.items():
             acc = _Accumulator((prefix + weight,), weights[prefix + weight].shape[1], self.device)
             accs.append(acc)
             hooks.append(layer.get_submodule(module).register_forward_pre_hook(
@@ -304,9 +304,8 @@ def _tapped(cfg: ModelConfig, head: bool) -> list[tuple[str, int]]:
     """Every tapped input (its first consumer weight) and its width, in model order."""
     from .model_import import expected_shapes
 
-    shapes = expected_shapes(cfg)
-    out = [(f"layers.{i}.{w}", shapes[f"layers.{i}.{w}"][1]) for i in range(cfg.num_hidden_layers)
-           for w in family(cfg.model_type).HF_TAPS.values()]
+    shapes, taps = expected_shapes(cfg), family(cfg.model_type).HF_TAPS.values()
+    out = [(f"layers.{i}.{w}", shapes[f"layers.{i}.{w}"][1]) for i in range(cfg.num_hidden_layers) for w in taps]
     return out + ([(HEAD, cfg.hidden_size)] if head else [])
 
 

@@ -142,7 +142,7 @@ class LazyWeights(Mapping[str, np.ndarray]):
     finiteness when a tensor is read."""
 
     def __init__(self, cfg: ModelConfig, checkpoint: Checkpoint):
-        self._cfg, self._ckpt = cfg, checkpoint
+        self._ckpt = checkpoint
         self._shapes = expected_shapes(cfg)
         self._parts = family(cfg.model_type).checkpoint_parts
         present = set(checkpoint.names())

@@ -120,3 +120,27 @@ def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def clean_env() -> dict[str, str]:
     """This process's environment without PYTHONPATH, PYTHONHOME and TVM_* (for bare_python runs)."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith("TVM_")}
+
+
+def with_salient_channels(model: Any) -> Any:
+    """A copy of an ImportedModel (weights in memory) whose norms give a few hidden channels 20x
+    larger activations: the outliers AWQ exists to protect."""
+    import dataclasses
+
+    model = dataclasses.replace(model, weights=dict(model.weights))
+    for name, w in model.weights.items():
+        if name.endswith("layernorm.weight"):
+            w[:3] *= 20.0
+    return model
+
+
+def logit_error(engine: Any, held_out: list[list[int]]) -> Any:
+    """error(weights): mean squared difference of a FloatEngine's logits with `weights` from its
+    own float logits, over the held-out token sequences."""
+    ref = [engine.use(None).score(ids) for ids in held_out]
+
+    def error(weights: Any) -> float:
+        scored = engine.use(weights)
+        return float(np.mean([((scored.score(ids) - r) ** 2).mean() for ids, r in zip(held_out, ref)]))
+
+    return error

@@ -21,7 +21,7 @@ from awqc.passes.awq_scale import ScaleResult, apply_scales, find_scaling_groups
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.engine import Engine
 
-from conftest import make_checkpoint, rel_err
+from conftest import logit_error, make_checkpoint, rel_err, with_salient_channels
 
 FAMILIES = {
     # per-head q/k RMSNorm between the projections and RoPE
@@ -72,22 +72,13 @@ def test_scales_fold_without_changing_the_model(model) -> None:
 
 
 def test_awq_beats_rtn_and_its_int4_artifact_is_its_fake_quant(model, tmp_path: Path) -> None:
-    model = dataclasses.replace(model, weights=dict(model.weights))
-    for name, w in model.weights.items():  # a few hidden channels with 20x larger activations
-        if name.endswith("layernorm.weight"):
-            w[:3] *= 20.0
+    model = with_salient_channels(model)
     rs = np.random.RandomState(0)
     stats = calibrate(model, [list(rs.randint(3, 300, size=64)) for _ in range(8)], progress=False)
     scheme = QuantScheme(group_size=32)
     res = awq_quantize(model, scheme, stats, progress=False)
-    fe = FloatEngine(model, context_window=128)
     held_out = [list(rs.randint(3, 300, size=64)) for _ in range(3)]
-    ref = [fe.use(None).score(ids) for ids in held_out]
-
-    def error(weights) -> float:
-        engine = fe.use(weights)
-        return float(np.mean([((engine.score(ids) - r) ** 2).mean() for ids, r in zip(held_out, ref)]))
-
+    error = logit_error(FloatEngine(model, context_window=128), held_out)
     assert error(res.weights.dequantized()) < 0.8 * error(rtn(model, scheme).dequantized())
 
     quant = quantize_model(model, "awq", scheme, stats=stats)

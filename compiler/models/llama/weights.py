@@ -16,7 +16,7 @@ HF_TAPS = {"self_attn.q_proj": "self_attn.qkv_proj.weight", "self_attn.o_proj": 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every float parameter awqc's Llama takes, with its shape."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
+    h = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
