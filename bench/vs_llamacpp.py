@@ -25,32 +25,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 
-
-def llama_bin() -> Path:
-    out = subprocess.run([str(ROOT / "scripts" / "build_llama_cpp.sh")], check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
+from llamacpp import float_gguf, llama_bin, quantize  # noqa: E402
 
 
 def make_q4_0(model: str, workdir: Path, bin_dir: Path) -> Path:
     """A Q4_0 (pure) GGUF of the model's weights, made once."""
-    out = workdir / f"{Path(model).name}.q4_0.gguf"
-    if out.is_file():
-        return out
-    if model == "default":
-        from awqc.compiler.model_import import default_model_path
-
-        source, requant = default_model_path(), ["--allow-requantize"]
-    else:
-        source, requant = workdir / f"{Path(model).name}.f16.gguf", []
-        convert = bin_dir.parents[1] / "convert_hf_to_gguf.py"
-        subprocess.run([sys.executable, str(convert), model, "--outtype", "f16", "--outfile", str(source)], check=True)
-    subprocess.run([str(bin_dir / "llama-quantize"), *requant, "--pure", str(source), str(out), "Q4_0"], check=True,
-                   capture_output=True)
-    if model != "default":
-        source.unlink()
-    return out
+    return quantize(bin_dir, float_gguf(model, workdir, bin_dir), workdir / f"{Path(model).name}.q4_0.gguf", "Q4_0",
+                    pure=True)
 
 
 def compile_awqc(model: str, quant: str, workdir: Path, context: int) -> Path:
@@ -104,7 +87,6 @@ def main() -> None:
         print(json.dumps(awqc_worker(args.worker, args.pp, args.tg)))
         return
 
-    sys.path.insert(0, str(HERE))
     from decode import machine_name
 
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,11 @@ class QuantScheme:
         act = "a8" if self.act_bits == 8 else ""
         return f"w{self.bits}{act}g{self.group_size}" + ("-sym" if self.symmetric else "")
 
+    @property
+    def bits_per_weight(self) -> float:
+        """As artifacts store it (schedules/layouts.py): a float16 scale and a 4-bit zero per group."""
+        return self.bits + (16 + self.bits) / self.group_size
+
     @classmethod
     def parse(cls, text: str) -> "QuantScheme":
         """'w4g64', 'w4g128-sym', 'w4a8g64', ..."""

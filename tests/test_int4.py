@@ -20,6 +20,7 @@ from awqc.compiler.targets import get_target
 from awqc.passes.quantize_linear import quantize_linear, quantized_param_names
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.engine import Engine
+from awqc.schedules.layouts import get_layout
 from awqc.schedules.tuning import record_for
 from awqc.schedules.w4_kernels import pack_k8, unpack_k8
 
@@ -168,3 +169,16 @@ def test_awq_compile_matches_its_fake_quant_reference(tmp_path: Path, method: st
     ref = Engine(write_artifact(tmp_path / "fake", fake, get_target("host"), "float32", 128))
     ids = list(np.random.RandomState(6).randint(3, 300, size=40))
     assert rel_err(engine.score(ids), ref.score(ids)) < 1e-5
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_bits_per_weight_is_what_the_layout_stores(group: int) -> None:
+    """A 4-bit weight, plus a float16 scale and a 4-bit zero per group: 4.625 / 4.3125 / 4.15625
+    by hand, and the bytes the k8 layout packs a [64, 1024] weight into."""
+    scheme = QuantScheme(group_size=group)
+    assert scheme.bits_per_weight == {32: 4.625, 64: 4.3125, 128: 4.15625}[group]
+    n, k = 64, 1024
+    rng = np.random.default_rng(0)
+    packed = get_layout("k8").pack(rng.integers(0, 16, (n, k), dtype=np.uint8),
+                                   rng.random((n, k // group), dtype=np.float32), rng.integers(0, 16, (n, k // group)))
+    assert 8 * sum(a.nbytes for a in packed) / (n * k) == scheme.bits_per_weight
