@@ -172,9 +172,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-sizes", type=int, nargs="+", default=None,
                    help="group sizes for --compare (default: the one in --quant)")
     p.add_argument("--text", type=Path, default=None, help="evaluation text file (default: the --domain's text)")
-    p.add_argument("--domain", default="python-docs", choices=["python-docs", "jargon"],
+    p.add_argument("--domain", default="python-docs", choices=["python-docs", "jargon", "chat"],
                    help="built-in evaluation text: python-docs (the Python tutorial/FAQ/HOWTOs, default) or jargon "
-                        "(the Jargon File, English prose); neither is calibration text")
+                        "(the Jargon File, English prose); neither is calibration text. chat (with --kld): 32 "
+                        "questions of the Python FAQ in the chat template, each followed by BASE's greedy answer; "
+                        "the divergence is measured on the answers")
     p.add_argument("--windows", type=int, default=40, help="number of windows, spread over the text (default 40; 0: all)")
     p.add_argument("--window-len", type=int, default=512, help="tokens per window (default 512)")
     _add_calibration_args(p)
@@ -186,12 +188,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from awqc.passes.quantizer import QuantScheme
 
-    from .evaluate import QualityRun, QualitySettings, eval_windows, format_table, kl_divergence, perplexity
+    from .evaluate import (QualityRun, QualitySettings, chat_windows, eval_windows, format_table, kl_divergence,
+                           perplexity)
 
     if (args.artifact is None) == (args.model is None):
         raise ValueError("give either an ARTIFACT directory or --model")
     if args.kld is not None and args.artifact is None:
         raise ValueError("--kld compares two compiled artifacts: give ARTIFACT (the quantized one) and --kld BASE")
+    if args.domain == "chat" and (args.kld is None or args.text is not None):
+        raise ValueError("--domain chat measures --kld on the base artifact's own answers: give ARTIFACT and "
+                         "--kld BASE, without --text")
     if args.windows < 0 or args.window_len < 2:
         raise ValueError("--windows must be >= 0 and --window-len >= 2")
     n_windows = args.windows or None
@@ -207,9 +213,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  f"--window-len {args.window_len}")
         if args.kld and engines[0].manifest["model"]["vocab_size"] != engines[1].manifest["model"]["vocab_size"]:
             raise ValueError(f"{args.kld} has another vocabulary than {args.artifact}: not the same model")
-        windows = eval_windows(engines[0], args.text, n_windows, args.window_len, args.domain)
+        starts = None
+        if args.domain == "chat":
+            windows, starts = chat_windows(engines[1])
+        else:
+            windows = eval_windows(engines[0], args.text, n_windows, args.window_len, args.domain)
         if args.kld:
-            d = kl_divergence(engines[0], engines[1], windows, progress=not args.quiet)
+            d = kl_divergence(engines[0], engines[1], windows, progress=not args.quiet, starts=starts)
             print(format_table([{"artifact": str(args.artifact), "base": str(args.kld),
                                  "perplexity": f"{d.ppl.ppl:.3f} ± {d.ppl.ppl_stderr:.3f}",
                                  "base perplexity": f"{d.base_ppl.ppl:.3f} ± {d.base_ppl.ppl_stderr:.3f}",

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from .calibrate import CalibrationSettings
-from .text_data import eval_domain_text, read_text, token_windows, tokenize
+from .text_data import eval_domain_text, faq_questions, read_text, token_windows, tokenize
 
 DEFAULT_WINDOWS = 40
 DEFAULT_WINDOW_LEN = 512
+CHAT_PROMPTS = 32
+CHAT_ANSWER_TOKENS = 96
 
 
 @dataclasses.dataclass
@@ -95,19 +97,22 @@ def _perplexity(nll: torch.Tensor, windows: int, seconds: float) -> Perplexity:
     return Perplexity(math.exp(mean), mean, n, windows, seconds, math.exp(mean) * stderr)
 
 
-def kl_divergence(engine: Any, base: Any, windows: Sequence[Sequence[int]], progress: bool = True) -> Divergence:
-    """KL(base ‖ engine) of the next-token distributions at every predicted position, the
-    share of positions with the same top token, and both perplexities."""
+def kl_divergence(engine: Any, base: Any, windows: Sequence[Sequence[int]], progress: bool = True,
+                  starts: Sequence[int] | None = None) -> Divergence:
+    """KL(base ‖ engine) of the next-token distributions at every predicted position (with
+    `starts`: only of the tokens from starts[i] on in window i), the share of positions with the
+    same top token, and both perplexities over the same positions."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     klds, same, nll, base_nll = [], 0, [], []
-    for ids in tqdm(windows, desc="kld", unit="window", disable=not progress, file=sys.stderr):
-        logq, logp = _log_probs(engine, ids), _log_probs(base, ids)
+    for i, ids in enumerate(tqdm(windows, desc="kld", unit="window", disable=not progress, file=sys.stderr)):
+        first = 0 if starts is None else starts[i] - 1  # row j predicts token j + 1
+        logq, logp = _log_probs(engine, ids)[first:], _log_probs(base, ids)[first:]
         klds.append((logp.exp() * (logp - logq)).sum(-1).clamp(min=0))  # clamp: rounding below 0
         same += int((logq.argmax(-1) == logp.argmax(-1)).sum())
-        nll.append(_token_nll(logq, ids))
-        base_nll.append(_token_nll(logp, ids))
+        nll.append(_token_nll(logq, ids[first:]))
+        base_nll.append(_token_nll(logp, ids[first:]))
     engine.reset()
     base.reset()
     kld = torch.cat(klds)
@@ -117,6 +122,28 @@ def kl_divergence(engine: Any, base: Any, windows: Sequence[Sequence[int]], prog
                       float(torch.quantile(kld, 0.99)), float(kld.max()), same / n, n,
                       _perplexity(torch.cat(nll), len(windows), seconds),
                       _perplexity(torch.cat(base_nll), len(windows), seconds))
+
+
+def chat_windows(base: Any, n_prompts: int = CHAT_PROMPTS,
+                 answer_tokens: int = CHAT_ANSWER_TOKENS) -> tuple[list[list[int]], list[int]]:
+    """Chat-formatted windows for kl_divergence: `n_prompts` questions of the Python FAQ, spread
+    over it, each rendered by the base artifact's chat template as a user turn, followed by the
+    base's own greedy answer (up to `answer_tokens`). Returns the windows and where each answer
+    starts, so the divergence is measured on what the base model says in a chat, the mode users
+    run, and not on documentation text."""
+    from awqc.runtime.sampling import SamplingParams
+
+    questions = faq_questions()
+    n = min(n_prompts, len(questions))
+    windows, starts = [], []
+    for q in (questions[i * len(questions) // n] for i in range(n)):
+        prompt = base.encode_messages([{"role": "user", "content": q}])
+        answer = list(base.generate(prompt, answer_tokens, SamplingParams()))
+        if answer:
+            windows.append(prompt + answer)
+            starts.append(len(prompt))
+    base.reset()
+    return windows, starts
 
 
 def set_weights(engine: Any, weights: dict[str, Any]) -> None:

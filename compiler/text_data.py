@@ -57,6 +57,22 @@ def jargon_text(path: Path = JARGON_FILE) -> str:
     return body[start + 1:] if start >= 0 else body
 
 
+def faq_questions(root: Path = DOC_ROOT) -> list[str]:
+    """The questions of the Python FAQ (python3.11-doc: faq/), in file order: every section title that
+    ends in "?". They are the prompts of the chat check (evaluate.chat_windows)."""
+    files = sorted((root / "faq").glob("*.rst.txt"))
+    if not files:
+        raise TextError(f"no Python FAQ under {root / 'faq'}; install it with `apt-get install -y {DOC_PACKAGE}`")
+    questions = []
+    for f in files:
+        lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+        for title, rule in zip(lines, lines[1:]):
+            title = title.strip()
+            if title.endswith("?") and len(rule) >= 3 and len(set(rule)) == 1 and rule[0] in "=-~^":
+                questions.append(title)
+    return questions
+
+
 EVAL_DOMAINS: dict[str, Callable[[], str]] = {"python-docs": default_eval_text, "jargon": jargon_text}
 
 

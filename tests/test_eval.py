@@ -148,3 +148,58 @@ def test_second_domain_is_the_jargon_file_not_calibration_text() -> None:
     assert text[10_000:10_200] not in calibration and eval_domain_text("python-docs")[:200] not in calibration
     with pytest.raises(TextError, match="known: python-docs, jargon"):
         eval_domain_text("news")
+
+
+def test_kl_divergence_on_answer_tokens_only() -> None:
+    """With starts, only the positions that predict tokens from starts[i] on count (numpy)."""
+    from awqc.compiler.evaluate import kl_divergence
+
+    rng = np.random.default_rng(1)
+    base_logits = rng.standard_normal((20, 11)) * 2
+    quant_logits = base_logits + rng.standard_normal((20, 11))
+    windows = [list(rng.integers(0, 11, 20)), list(rng.integers(0, 11, 14))]
+    d = kl_divergence(_FixedLogits(quant_logits), _FixedLogits(base_logits), windows, progress=False, starts=[15, 4])
+    logp = base_logits - np.log(np.exp(base_logits).sum(1, keepdims=True))
+    logq = quant_logits - np.log(np.exp(quant_logits).sum(1, keepdims=True))
+    rows = np.r_[14:19, 3:13]  # window 0 predicts tokens 15..19 from rows 14..18; window 1 tokens 4..13
+    kld = (np.exp(logp) * (logp - logq)).sum(1)[rows]
+    targets = np.r_[windows[0][15:], windows[1][4:]]
+    assert d.tokens == 15 and d.kld_mean == pytest.approx(kld.mean())
+    assert d.ppl.ppl == pytest.approx(np.exp(-logq[rows, targets].mean()))
+
+
+class _Replier:
+    """A base engine that renders a prompt as the question's length and answers with fixed tokens."""
+
+    def __init__(self):
+        self.prompts: list[str] = []
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        self.prompts.append(messages[0]["content"])
+        return [1] * len(messages[0]["content"])
+
+    def generate(self, prompt: list[int], max_new_tokens: int, sampling):
+        assert sampling.temperature == 0  # greedy
+        yield from [7, 8, 9][:max_new_tokens]
+
+    def reset(self) -> None:
+        pass
+
+
+def test_chat_windows_are_faq_questions_with_the_base_answer() -> None:
+    from awqc.compiler.evaluate import chat_windows
+    from awqc.compiler.text_data import faq_questions
+
+    questions = faq_questions()
+    assert len(questions) > 100 and all(q.endswith("?") for q in questions)
+    assert "Why are Python strings immutable?" in questions  # a section title of faq/design.rst
+    base = _Replier()
+    windows, starts = chat_windows(base, n_prompts=4, answer_tokens=2)
+    assert base.prompts == [questions[i * len(questions) // 4] for i in range(4)]
+    assert starts == [len(q) for q in base.prompts]
+    assert all(w == [1] * s + [7, 8] for w, s in zip(windows, starts))
+
+
+def test_cli_chat_domain_needs_a_base(tiny_artifact: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(tiny_artifact), "--domain", "chat"]) == 2
+    assert "--domain chat measures --kld" in capsys.readouterr().err
