@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from awqc.passes.gptq import gptq_quantize, gptq_round, inverse_cholesky
+from awqc.passes.gptq import DAMP, act_order, gptq_quantize, gptq_round, inverse_cholesky
 from awqc.passes.quantizer import QuantScheme, dequantize, group_params, quantize
 
 
@@ -25,10 +25,26 @@ def test_two_weights_by_hand() -> None:
     assert q.tolist() == [[0, 1]]
 
 
+def test_act_order_by_hand() -> None:
+    # H = [[1, .5], [.5, 4]]: column 1 carries more energy, so it is rounded first.
+    # H^-1 = [[4, -.5], [-.5, 1]] / 3.75. In order (1, 0): w1 = 0.4 rounds to 0 (error 0.4),
+    # w0 += -0.4 * Hinv10 / Hinv11 = +0.2, so 0.6 rounds to 1: e = (-0.6, 0.4), e^T H e = 0.76.
+    # In order (0, 1): w0 rounds to 0, w1 += 0.4 * 0.5 / 4 = 0.05, 0.45 rounds to 0: e^T H e = 0.96.
+    h = torch.tensor([[1.0, 0.5], [0.5, 4.0]], dtype=torch.float64)
+    order = act_order(h)
+    assert order.tolist() == [1, 0]
+    w, one, zero = torch.tensor([[0.4, 0.4]], dtype=torch.float64), torch.ones(1, 1), torch.zeros(1, 1)
+    scheme = QuantScheme(group_size=32)
+    assert gptq_round(w, inverse_cholesky(h[order][:, order], damp=0.0), one, zero, scheme, order).tolist() == [[1, 0]]
+    assert gptq_round(w, inverse_cholesky(h, damp=0.0), one, zero, scheme).tolist() == [[0, 0]]
+    assert act_order(torch.eye(3)).tolist() == [0, 1, 2]  # ties keep their index order
+
+
 def obs_reference(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int,
                   qmax: int, damp: float) -> np.ndarray:
-    """Round column by column; after each, correct the rest with the inverse Hessian of the
-    columns not yet rounded, and remove the rounded column from it (float64, no blocks)."""
+    """Round one column at a time, the one with the largest H_kk among those left first; after
+    each, correct the rest with the inverse Hessian of the columns not yet rounded, and remove
+    the rounded column from it (float64, no blocks, no permutation)."""
     h = h.copy()
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
@@ -36,11 +52,14 @@ def obs_reference(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndar
     hinv = np.linalg.inv(h)
     w = w.astype(np.float64).copy()
     q = np.zeros(w.shape, np.uint8)
-    for j in range(w.shape[1]):
+    left = list(range(w.shape[1]))
+    while left:
+        j = max(left, key=lambda c: (h[c, c], -c))
+        left.remove(j)
         s, z = scale[:, j // group], zero[:, j // group]
         q[:, j] = np.clip(np.round(w[:, j] / s + z), 0, qmax)
         err = w[:, j] - (q[:, j] - z) * s
-        w[:, j + 1:] -= np.outer(err / hinv[j, j], hinv[j, j + 1:])
+        w[:, left] -= np.outer(err / hinv[j, j], hinv[j, left])
         hinv = hinv - np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
     return q
 
@@ -61,7 +80,7 @@ def test_matches_float64_reference(k: int, group: int) -> None:
     w = torch.from_numpy(np.random.default_rng(1).standard_normal((n, k)) * 0.05)
     scheme = QuantScheme(group_size=group)
     q, scale, zero = gptq_quantize(w, torch.from_numpy(h), scheme)
-    ref = obs_reference(w.numpy(), h, scale.numpy(), zero.numpy(), group, scheme.qmax, 0.01)
+    ref = obs_reference(w.numpy(), h, scale.numpy(), zero.numpy(), group, scheme.qmax, DAMP)
     assert (q.numpy() == ref).mean() > 0.999  # an exact tie may fall either way in another float order
     s_ref, z_ref = group_params(w, scheme)
     assert torch.equal(scale, s_ref) and torch.equal(zero, z_ref)  # the grid is RTN's (AWQ's), unchanged
