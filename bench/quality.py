@@ -1,5 +1,5 @@
 """Quality of 4-bit quantization on the default model (SmolLM2-135M-Instruct): perplexity of float,
-round-to-nearest, AWQ (scale search only), AWQ (scale + clip search) and AWQ + GPTQ rounding
+round-to-nearest, AWQ (scale + clip search) and AWQ + GPTQ rounding
 (passes/gptq.py) at w4 g64 and g32, with the search time (calibration + search); prints a markdown
 table.
 
@@ -7,8 +7,8 @@ table.
     python bench/quality.py --windows 20 --group-sizes 64
 
 Evaluation texts: the Python tutorial, FAQ and HOWTOs (python3.11-doc) and the Jargon File
-(jargon-text: English prose of another kind); calibration text: the Python library reference
-(disjoint from both). Quantized weights are scored dequantized in the float
+(jargon-text: English prose of another kind); calibration text: half the Python library reference,
+half the fortunes' English prose (compiler/text_data.py; disjoint from both). Quantized weights are scored dequantized in the float
 library compiled once (compiler/evaluate.py), so the table does not depend on the int4 kernels.
 
 llama.cpp's Q4_0, Q4_1 and Q4_K_M of the same weights (bench/llamacpp.py: llama-quantize from the
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     run = QualityRun(model, settings)
     rows = []
     for domain in args.domains:
-        for r in run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"],
+        for r in run.compare(["float", "rtn", "awq", "awq+gptq"],
                              [QuantScheme(group_size=g) for g in args.group_sizes], domain):
             bpw = None if r["quant"] == "–" else round(QuantScheme.parse(r["quant"]).bits_per_weight, 2)
             rows.append({"text": domain, "method": r["method"], "quant": r["quant"], "bpw": bpw,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = len(run.windows) * args.window_len
     print(f"\n{args.model}: {len(run.windows)} evaluation windows x {args.window_len} tokens ({tokens} tokens) "
           f"per text (python-docs: the Python tutorial/FAQ/HOWTOs; jargon: the Jargon File); calibration {args.calib_samples} x {args.calib_seq_len} tokens "
-          f"(Python library reference), Gram from {args.gram_tokens or args.calib_seq_len} tokens per sample; "
+          f"(half Python library reference, half fortunes' prose), Gram from {args.gram_tokens or args.calib_seq_len} tokens per sample; "
           f"search s = calibration ({run.calib_seconds:.0f} s, shared by all rows) + scale (+ clip) search.")
     if not args.no_llamacpp:
         print("llama.cpp rows: their gap is measured against awqc's RTN w4g64; llama-quantize falls back to other "

@@ -38,7 +38,7 @@ from ..passes.awq_scale import SecondMoment
 from .config import ModelConfig
 from .model_import import ImportedModel, block_params
 from .models import family
-from .text_data import default_calibration_text, read_text, token_windows, tokenize
+from .text_data import default_calibration_texts, read_text, token_windows, tokenize
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
@@ -92,13 +92,18 @@ class CalibrationStats:
 # -- samples ---------------------------------------------------------------------------------------
 def calibration_samples(encode: Callable[[str], list[int]], text: str | None = None,
                         n_samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN) -> list[list[int]]:
-    """`n_samples` windows of `seq_len` tokens spread over the text (default: the Python library
-    reference). A text shorter than one sample is an error that names the minimum."""
+    """`n_samples` windows of `seq_len` tokens spread over the text (default: half over the Python
+    library reference, half over the fortunes' prose; text_data.default_calibration_texts). A text
+    shorter than one sample is an error that names the minimum."""
     if n_samples < 1:
         raise CalibrationError(f"the number of calibration samples must be positive, got {n_samples}")
-    text = default_calibration_text() if text is None else text
-    windows = token_windows(tokenize(encode, text), seq_len, n_samples, what="calibration text",
-                            hint=" (--calib-text FILE, or a shorter --calib-seq-len)")
+    texts = default_calibration_texts() if text is None else [text]
+    windows = []
+    for i, body in enumerate(texts):
+        share = (n_samples + len(texts) - 1 - i) // len(texts)  # the first texts take any remainder
+        if share:
+            windows += token_windows(tokenize(encode, body), seq_len, share, what="calibration text",
+                                     hint=" (--calib-text FILE, or a shorter --calib-seq-len)")
     if len(windows) < n_samples:
         print(f"calibrate: the text holds {len(windows)} samples of {seq_len} tokens, fewer than the "
               f"{n_samples} asked; using {len(windows)}", file=sys.stderr)
@@ -274,7 +279,7 @@ class BlockCalibrator:
 # -- calibration, computed or from a cache ---------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CalibrationSettings:
-    text: str | Path | None = None  # calibration text file (None: the Python library reference)
+    text: str | Path | None = None  # calibration text file (None: text_data.default_calibration_texts)
     n_samples: int = DEFAULT_SAMPLES
     seq_len: int = DEFAULT_SEQ_LEN
     gram_tokens: int | None = DEFAULT_GRAM_TOKENS

@@ -57,7 +57,8 @@ def _add_compile(sub: argparse._SubParsersAction) -> None:
 
 def _add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-text", type=Path, default=None,
-                   help="calibration text file for AWQ (default: the Python library reference)")
+                   help="calibration text file for AWQ (default: half the Python library reference, half English "
+                        "prose from Debian's fortunes)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--gram-tokens", type=int, default=128,
@@ -150,8 +151,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="perplexity of a model or artifact on a text; float / RTN / AWQ side by side",
         description="Perplexity on non-overlapping windows of a text (default: the Python tutorial, FAQ "
-                    "and HOWTOs from python3.11-doc; calibration uses the library reference, never "
-                    "this text). Either a compiled ARTIFACT as it is, or --model with a quantization "
+                    "and HOWTOs from python3.11-doc; calibration uses the library reference and the "
+                    "fortunes' prose, never this text). Either a compiled ARTIFACT as it is, or --model with a quantization "
                     "method, or --compare for float, RTN and AWQ at the chosen group sizes. Quantized "
                     "weights are evaluated dequantized in the float library (same numbers an int4 "
                     "kernel computes, up to rounding).",

@@ -1,9 +1,13 @@
 """Calibration and evaluation text, and cutting text into token windows.
 
-Both default texts come from Debian's python3.11-doc package (the reStructuredText sources of the
-Python documentation, installed by scripts/setup.sh): calibration reads the library reference
-(`library/`), evaluation reads the tutorial, FAQ and HOWTOs (`tutorial/`, `faq/`, `howto/`).
-The two sets of files are disjoint, so a model is never evaluated on the text it was calibrated on.
+The default texts come from Debian packages (installed by scripts/setup.sh). Calibration reads two
+texts, half of the samples from each, so the statistics are not those of one kind of text (AWQ's
+reference calibrates on the Pile for the same reason): the Python library reference
+(python3.11-doc, `library/`), and English prose of every kind from Debian's fortunes package
+(quotations, literature, politics, people, songs and poems, ...), without the four files that
+quote the Jargon File (computers, cookie, definitions, science) and the ASCII art. Evaluation reads the
+Python tutorial, FAQ and HOWTOs (python3.11-doc `tutorial/`, `faq/`, `howto/`). The files are
+disjoint, so a model is never evaluated on the text it was calibrated on.
 
 A second evaluation domain of another kind, English prose that is not documentation: the Jargon
 File (Debian's jargon-text, `jargon.txt.gz`), the lexicon of hacker slang with its usage notes
@@ -12,6 +16,7 @@ on it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,6 +24,9 @@ DOC_PACKAGE = "python3.11-doc"
 DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 CALIBRATION_DIRS = ("library",)
 EVAL_DIRS = ("tutorial", "faq", "howto")
+FORTUNES_PACKAGE = "fortunes"
+FORTUNES_ROOT = Path("/usr/share/games/fortunes")
+FORTUNES_LEFT_OUT = ("computers", "cookie", "definitions", "science", "art", "ascii-art")
 JARGON_PACKAGE = "jargon-text"
 JARGON_FILE = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 
@@ -39,6 +47,20 @@ def _read_dirs(dirs: Sequence[str], root: Path = DOC_ROOT) -> str:
 def default_calibration_text() -> str:
     """The Python library reference (python3.11-doc: library/)."""
     return _read_dirs(CALIBRATION_DIRS)
+
+
+def fortunes_prose(root: Path = FORTUNES_ROOT) -> str:
+    """The fortunes package's English texts (UTF-8 files), one after another, each fortune a
+    paragraph; FORTUNES_LEFT_OUT are left out."""
+    files = [f for f in sorted(root.glob("*.u8")) if f.stem not in FORTUNES_LEFT_OUT]
+    if not files:
+        raise TextError(f"no fortunes under {root}; install them with `apt-get install -y {FORTUNES_PACKAGE}`")
+    return "\n\n".join(re.sub(r"(?m)^%\n", "\n", f.read_text(encoding="utf-8", errors="replace")) for f in files)
+
+
+def default_calibration_texts() -> list[str]:
+    """The default calibration texts, each giving an equal share of the samples."""
+    return [default_calibration_text(), fortunes_prose()]
 
 
 def default_eval_text() -> str:

@@ -3,9 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: python3.11-doc is the calibration and evaluation text (reStructuredText sources),
+# Debian packages: python3.11-doc is calibration and evaluation text (reStructuredText sources), fortunes
+# the second calibration text (English prose),
 # jargon-text a second evaluation text of another kind (the Jargon File); the aarch64 cross toolchain, its binutils (objdump) and qemu-user run the ARM NEON tests.
-apt_packages=(python3.11-doc jargon-text gcc-aarch64-linux-gnu g++-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user)
+apt_packages=(python3.11-doc fortunes jargon-text gcc-aarch64-linux-gnu g++-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -160,6 +160,41 @@ def test_default_texts_are_disjoint() -> None:
     assert len(default_calibration_text()) > 1_000_000  # ~7 MB: far more than 128 x 512 tokens
 
 
+def _shares_text(a: str, b: str, width: int = 60) -> int:
+    """How many of a's width-character pieces of words (every width-th, at least half letters: not a
+    rule of ====) occur in b, whitespace normalized."""
+    a, b = " ".join(a.split()), " ".join(b.split())
+    pieces = {b[i:i + width] for i in range(len(b) - width)}
+    return sum(p in pieces and 2 * sum(c.isalpha() for c in p) >= width
+               for p in (a[i:i + width] for i in range(0, len(a) - width, width)))
+
+
+def test_prose_calibration_shares_nothing_with_the_evaluation_texts() -> None:
+    from awqc.compiler.text_data import FORTUNES_ROOT, eval_domain_text, fortunes_prose
+
+    prose = fortunes_prose()
+    assert len(prose) > 1_000_000 and "\n%\n" not in prose
+    for domain in ("jargon", "python-docs"):
+        assert _shares_text(prose, eval_domain_text(domain)) == 0, domain
+    # the files left out are the ones that quote the Jargon File (science: one fortune)
+    jargon = eval_domain_text("jargon")
+    assert all(_shares_text((FORTUNES_ROOT / f"{name}.u8").read_text(errors="replace"), jargon, 40) > 0
+               for name in ("computers", "cookie", "definitions", "science"))
+
+
+def test_default_samples_are_half_library_half_prose() -> None:
+    from awqc.compiler.text_data import fortunes_prose
+
+    def encode(s: str) -> list[int]:  # one token per character: windows are text positions
+        return [ord(c) for c in s]
+
+    samples = calibration_samples(encode, None, n_samples=5, seq_len=300)
+    library, prose = default_calibration_text(), fortunes_prose()
+    text = ["".join(map(chr, ids)) for ids in samples]
+    assert [t in library for t in text] == [True, True, True, False, False]
+    assert all(t in prose for t in text[3:])
+
+
 def test_non_finite_activation_names_the_layer(tmp_path: Path) -> None:
     model = load_model(str(make_checkpoint(tmp_path / "ckpt", seed=7)))
     model = dataclasses.replace(model, weights=dict(model.weights))
