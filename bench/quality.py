@@ -62,11 +62,12 @@ def llamacpp_rows(run: QualityRun, model: str, args: argparse.Namespace, rows: l
             name = f"{qtype}{'-imatrix' if imat else ''}"
             gguf = quantize(bin_dir, source, work / f"{name}.gguf", qtype, imatrix=imat, float_embedding=True)
             engine = run.float_engine.use(load_model(str(gguf)).weights)
+            bpw = round(linear_bits_per_weight(gguf), 2)  # one read of the file, not one per domain
             for domain in args.domains:
                 ppl = perplexity(engine, run.domain_windows(domain), desc=f"llama.cpp {name}").ppl
                 f, r = ref(domain, "float"), ref(domain, "rtn")
                 out.append({"text": domain, "method": f"llama.cpp{' +imatrix' if imat else ''}", "quant": qtype,
-                            "bpw": round(linear_bits_per_weight(gguf), 2), "perplexity": ppl, "Δ vs float": ppl - f,
+                            "bpw": bpw, "perplexity": ppl, "Δ vs float": ppl - f,
                             "RTN gap closed": f"{100 * gap_closed(f, r, ppl):.0f}%", "search s": None})
     return out
 
