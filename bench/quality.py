@@ -1,7 +1,7 @@
 """Quality of 4-bit quantization on the default model (SmolLM2-135M-Instruct): perplexity of float,
 round-to-nearest, AWQ (scale + clip search) and AWQ + GPTQ rounding
 (passes/gptq.py) at w4 g64 and g32, with the search time (calibration + search); prints a markdown
-table.
+table. `--block-loss` adds both with the block-output loss (`awqc compile --awq-loss block`).
 
     python bench/quality.py                      # 40 windows x 512 tokens, 128 x 512 calibration
     python bench/quality.py --windows 20 --group-sizes 64
@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-stats", type=Path, default=None, help="calibration statistics cache file")
     p.add_argument("--domains", nargs="+", default=["python-docs", "jargon"],
                    help="evaluation texts (compiler/text_data.py EVAL_DOMAINS; default both)")
+    p.add_argument("--block-loss", action="store_true",
+                   help="also AWQ and AWQ+GPTQ with the block-output loss (awqc compile --awq-loss block): "
+                        "rows awq/block, awq+gptq/block")
+    p.add_argument("--block-loss-samples", type=int, default=16, help="samples the block loss runs on (default 16)")
     p.add_argument("--no-llamacpp", action="store_true", help="leave out llama.cpp's rows (and its build)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/awqc-quality"), help="llama.cpp's GGUFs go here")
     args = p.parse_args(argv)
@@ -95,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     t_load = time.perf_counter() - t0
     calibration = CalibrationSettings(None, args.calib_samples, args.calib_seq_len, args.gram_tokens or None,
                                       args.calib_stats)
-    settings = QualitySettings(None, args.windows, args.window_len, calibration)
+    settings = QualitySettings(None, args.windows, args.window_len, calibration,
+                               block_loss_samples=args.block_loss_samples)
     run = QualityRun(model, settings)
+    methods = ["float", "rtn", "awq", "awq+gptq"] + (["awq/block", "awq+gptq/block"] if args.block_loss else [])
     rows = []
     for domain in args.domains:
-        for r in run.compare(["float", "rtn", "awq", "awq+gptq"],
+        for r in run.compare(methods,
                              [QuantScheme(group_size=g) for g in args.group_sizes], domain):
             bpw = None if r["quant"] == "–" else round(QuantScheme.parse(r["quant"]).bits_per_weight, 2)
             rows.append({"text": domain, "method": r["method"], "quant": r["quant"], "bpw": bpw,
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.model}: {len(run.windows)} evaluation windows x {args.window_len} tokens ({tokens} tokens) "
           f"per text (python-docs: the Python tutorial/FAQ/HOWTOs; jargon: the Jargon File); calibration {args.calib_samples} x {args.calib_seq_len} tokens "
           f"(half Python library reference, half fortunes' prose), Gram from {args.gram_tokens or args.calib_seq_len} tokens per sample; "
-          f"search s = calibration ({run.calib_seconds:.0f} s, shared by all rows) + scale (+ clip) search.")
+          f"search s = calibration ({run.calib_seconds:.0f} s, shared by all rows) + scale (+ clip) search"
+          + (f"; /block rows: their own calibration forward + search, block loss on {args.block_loss_samples} samples."
+             if args.block_loss else "."))
     if not args.no_llamacpp:
         print("llama.cpp rows: their gap is measured against awqc's RTN w4g64; llama-quantize falls back to other "
               "types for rows whose width its super-blocks (256) do not divide, so bpw is what the file holds.")

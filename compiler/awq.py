@@ -98,6 +98,20 @@ def _score_function(model: ImportedModel):
     return mod["score"], [n for n, _ in named]
 
 
+def _output_loss(probe: Any) -> Callable[[ScalingGroup], Any] | None:
+    """With a calibration probe (calibrate.BlockProbe), a norm's group is measured on the output of
+    the submodule its consumers sit in (attention for q/k/v, the MLP for gate/up), as AWQ's
+    reference does; linear → linear groups keep their consumers' output error from the Gram (the
+    consumer is that submodule's last layer, so it is the same quantity)."""
+    if probe is None:
+        return None
+
+    def loss(group: ScalingGroup):
+        module = probe.module([c.weight for c in group.consumers]) if group.kind == "norm" else None
+        return None if module is None else (lambda replaced: probe.loss(module, replaced))
+    return loss
+
+
 def awq_block(weights: Mapping[str, torch.Tensor], names: list[str], groups: list[ScalingGroup],
               qk_rows: Mapping[str, Any], stats: Any, scheme: QuantScheme, clip: bool = True,
               progress: bool = False, duo_scaling: bool = DUO_SCALING, gptq: bool = False) -> AWQResult:
@@ -106,7 +120,8 @@ def awq_block(weights: Mapping[str, torch.Tensor], names: list[str], groups: lis
     error-compensated rounding on the same grid: passes/gptq.py)."""
     t0 = time.perf_counter()
     quantized: Callable[[str], bool] = set(names).__contains__
-    results = search_scales(groups, weights, stats, scheme, quantized, progress=progress, duo=duo_scaling)
+    results = search_scales(groups, weights, stats, scheme, quantized, progress=progress, duo=duo_scaling,
+                            output_loss=_output_loss(getattr(stats, "probe", None)))
     scaled = apply_scales(weights, groups, results)
     t1 = time.perf_counter()
     clips: dict[str, torch.Tensor] = {}

@@ -15,6 +15,12 @@ Per linear input, over every calibration token:
   on inputs X is ||X (W' - W)ᵀ||² = T · sum((E @ gram) * E) with E = W' - W, so the scale and clip
   searches never need the activations themselves.
 
+With `probe_samples`, a few whole batches of samples also keep the inputs and float outputs of
+the block's submodules that the taps sit in (transformers' `self_attn`, `mlp`): a `BlockProbe`
+replays a submodule with some linears replaced, so AWQ can measure a norm's scales on the
+attention or MLP output, as the reference does (passes/awq_scale.py), not only on the linears' own
+outputs. Memory: those samples' activations for one block.
+
 The Gram costs T·K² per input, so by default it is estimated from `gram_tokens` tokens drawn at
 random (seeded) from each sample; `abs_mean` always uses every token. `gram_tokens=None` uses all.
 While fewer tokens than the input's width feed it (a 7B model at 16 samples), the Gram is kept as
@@ -75,6 +81,7 @@ class CalibrationStats:
     n_samples: int
     seq_len: int
     seconds: dict[str, float]  # wall time of the phases: forward, stats
+    probe: "BlockProbe | None" = None  # the block's submodules on a few samples, when asked for
 
     def __post_init__(self) -> None:
         self._by_weight = {w: s for s in self.inputs for w in s.consumers}
@@ -186,6 +193,46 @@ class _Accumulator:
         return InputStats(self.consumers, (self.abs_sum / max(self.n, 1)).float().cpu(), moment, self.n, self.n_gram)
 
 
+class BlockProbe:
+    """A decoder block's submodules (transformers' `self_attn`, `mlp`) with their inputs and float
+    outputs on a few calibration samples: `loss` replays one with some linears replaced."""
+
+    def __init__(self, cfg: ModelConfig, layer: torch.nn.Module, prefix: str, modules: Mapping[str, str]):
+        self.cfg, self.layer, self.prefix = cfg, layer, prefix
+        self.module_of = dict(modules)  # awqc weight (with prefix) -> the submodule it sits in
+        self.calls: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {m: [] for m in set(modules.values())}
+
+    def record(self, module: str, args: tuple, kwargs: dict, output) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self.calls[module].append((tuple(args), dict(kwargs), out))
+
+    @property
+    def n_tokens(self) -> int:
+        calls = next(iter(self.calls.values()))
+        return sum(out.shape[0] * out.shape[1] for *_, out in calls)
+
+    def module(self, weights: Sequence[str]) -> str | None:
+        """The one submodule all of `weights` sit in, else None."""
+        modules = {self.module_of.get(w) for w in weights}
+        return modules.pop() if len(modules) == 1 and None not in modules else None
+
+    def loss(self, module: str, replaced: Mapping[str, torch.Tensor]) -> float:
+        """Mean over the probe's tokens of ||y' - y||², y the submodule's float output and y' its
+        output with the awqc weights `replaced` (names with the block prefix) swapped in."""
+        from torch.func import functional_call
+
+        local = family(self.cfg.model_type).hf_block_weights(self.cfg, replaced, self.prefix)
+        params = {k.removeprefix(module + "."): v for k, v in local.items()}
+        sub = self.layer.get_submodule(module)
+        total = 0.0
+        with torch.no_grad():
+            for args, kwargs, ref in self.calls[module]:
+                out = functional_call(sub, params, args=args, kwargs=kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                total += float(torch.sub(out, ref).square_().sum(dtype=torch.float64))
+        return total / self.n_tokens
+
+
 class BlockCalibrator:
     """The calibration samples' hidden states, advanced through the model one decoder block at a
     time; each step returns the statistics of that block's linear inputs."""
@@ -236,9 +283,18 @@ class BlockCalibrator:
                 rows = torch.cat([r + b * t for b, r in enumerate(self._rows[start:start + _BATCH])])
             yield start, self.hidden[start:start + _BATCH], None if rows is None else rows.to(self.device)
 
-    def block(self, i: int, weights: Mapping[str, torch.Tensor]) -> list[InputStats]:
+    def probe_batches(self, probe_samples: int) -> set[int]:
+        """First samples of the batches a probe keeps: `probe_samples` rounded up to whole
+        batches, spread evenly over the samples (which run through the calibration texts in order)."""
+        n_batches = math.ceil(self.n_samples / _BATCH)
+        k = min(n_batches, math.ceil(probe_samples / _BATCH))
+        return {(j * n_batches // k) * _BATCH for j in range(k)} if k else set()
+
+    def block(self, i: int, weights: Mapping[str, torch.Tensor],
+              probe_samples: int = 0) -> tuple[list[InputStats], BlockProbe | None]:
         """Run block i (its float weights, awqc names) on the hidden states, replacing them with
-        its outputs; the statistics of its tapped linear inputs."""
+        its outputs; the statistics of its tapped linear inputs, and with `probe_samples` a probe
+        of its submodules on that many samples (rounded up to whole batches)."""
         prefix = f"layers.{i}."
         with torch.device("meta"):
             layer = self._layer_cls(self._hf, i)
@@ -250,6 +306,15 @@ class BlockCalibrator:
             accs.append(acc)
             hooks.append(layer.get_submodule(module).register_forward_pre_hook(
                 lambda _m, args, acc=acc: acc.add(args[0], current["rows"], current["start"])))
+        probe, kept = None, self.probe_batches(probe_samples)
+        if kept:
+            probe = BlockProbe(self.cfg, layer, prefix, {prefix + w: m.rsplit(".", 1)[0]
+                                                         for m, w in self._weight_map.HF_TAPS.items()})
+            for name in probe.calls:
+                hooks.append(layer.get_submodule(name).register_forward_hook(
+                    lambda _m, args, kwargs, output, name=name: (
+                        probe.record(name, args, kwargs, output) if current["start"] in kept else None),
+                    with_kwargs=True))
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
@@ -261,7 +326,7 @@ class BlockCalibrator:
             for h in hooks:
                 h.remove()
         self.seconds["forward"] += time.perf_counter() - t0
-        return [a.result() for a in accs]
+        return [a.result() for a in accs], probe
 
     def head(self, norm_weight: torch.Tensor) -> list[InputStats]:
         """The statistics of the LM head's input: the final norm of the hidden states."""
@@ -285,6 +350,7 @@ class CalibrationSettings:
     gram_tokens: int | None = DEFAULT_GRAM_TOKENS
     cache: Path | None = None  # statistics cache: read if it exists, else written
     device: str = "cpu"  # where the block forward runs (torch device: cpu, cuda, cuda:1)
+    probe_samples: int = 0  # samples each block's probe replays (0: no probe; BlockProbe)
 
 
 def check_calib_device(device: str) -> None:
@@ -348,6 +414,10 @@ class Calibration:
         self._taps = _tapped(model.config, head)
         self._reader = self._writer = self._calibrator = None
         cache = settings.cache
+        if cache is not None and cache.is_file() and settings.probe_samples:
+            print(f"calibrate: the block-output loss needs the calibration forward; {cache} is not read",
+                  file=sys.stderr)
+            cache = None
         if cache is not None and cache.is_file():
             self._reader = _open_cache(cache, self.key, self._taps)
         else:
@@ -367,7 +437,8 @@ class Calibration:
         """Block i's statistics (`weights`: its float weights, used only when computing)."""
         if self._reader is not None:
             return self._stats([self._reader(w) for w, _ in self._taps if w.startswith(f"layers.{i}.")])
-        return self._stats(self._store(self._calibrator.block(i, weights)))
+        inputs, probe = self._calibrator.block(i, weights, self.settings.probe_samples)
+        return self._stats(self._store(inputs), probe)
 
     def head(self, norm_weight: torch.Tensor) -> CalibrationStats:
         if self._reader is not None:
@@ -379,8 +450,8 @@ class Calibration:
         """Wall time of the calibration forward so far ({} when read from the cache)."""
         return dict(self._calibrator.seconds) if self._calibrator else {}
 
-    def _stats(self, inputs: list[InputStats]) -> CalibrationStats:
-        return CalibrationStats(inputs, self.n_samples, self.seq_len, self.seconds)
+    def _stats(self, inputs: list[InputStats], probe: BlockProbe | None = None) -> CalibrationStats:
+        return CalibrationStats(inputs, self.n_samples, self.seq_len, self.seconds, probe)
 
     def _store(self, inputs: list[InputStats]) -> list[InputStats]:
         if self._writer is not None:
@@ -482,5 +553,5 @@ def calibrate(model: ImportedModel, samples: Sequence[Sequence[int]], quantize_h
     """The statistics of every quantized linear's input over the given token samples."""
     head = quantize_head and not model.config.tie_word_embeddings
     cal = BlockCalibrator(model, samples, gram_tokens)
-    inputs = _every_block(model, cal.block, cal.head if head else None, progress)
+    inputs = _every_block(model, lambda i, w: cal.block(i, w)[0], cal.head if head else None, progress)
     return CalibrationStats(inputs, len(samples), len(samples[0]), dict(cal.seconds))

@@ -65,6 +65,13 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per sample for the input Gram matrices (default 128; 0: all)")
     p.add_argument("--calib-stats", type=Path, default=None,
                    help="calibration statistics cache: read if it exists, else written")
+    p.add_argument("--awq-loss", choices=("linear", "block"), default="linear",
+                   help="what AWQ's scale search measures for a norm's scales: linear (default: the q/k/v or "
+                        "gate/up outputs, exactly from the input Gram) or block (the attention or MLP output, "
+                        "run on --awq-loss-samples samples per candidate, as AWQ's reference does; slower, and "
+                        "the calibration forward runs even with a --calib-stats cache)")
+    p.add_argument("--awq-loss-samples", type=int, default=16,
+                   help="calibration samples the block loss runs on (default 16, rounded up to batches of 8)")
     p.add_argument("--calib-device", default="cpu",
                    help="where the calibration forward runs: cpu (default) or cuda[:N] (needs a CUDA build of "
                         "torch; the scale and clip searches stay on the CPU)")
@@ -103,8 +110,9 @@ def check_calibration_args(args: argparse.Namespace) -> None:
     """Ranges of the calibration options, checked before any work."""
     from .calibrate import check_calib_device
 
-    if args.calib_samples < 1 or args.calib_seq_len < 2 or args.gram_tokens < 0:
-        raise ValueError("--calib-samples must be >= 1, --calib-seq-len >= 2 and --gram-tokens >= 0 (0: all)")
+    if args.calib_samples < 1 or args.calib_seq_len < 2 or args.gram_tokens < 0 or args.awq_loss_samples < 1:
+        raise ValueError("--calib-samples must be >= 1, --calib-seq-len >= 2, --gram-tokens >= 0 (0: all) and "
+                         "--awq-loss-samples >= 1")
     if args.calib_text is not None and not args.calib_text.is_file():
         raise ValueError(f"--calib-text {args.calib_text} is not a file")
     check_calib_device(args.calib_device)
@@ -114,7 +122,8 @@ def calibration_settings(args: argparse.Namespace):
     from .calibrate import CalibrationSettings
 
     return CalibrationSettings(args.calib_text, args.calib_samples, args.calib_seq_len, args.gram_tokens or None,
-                               args.calib_stats, args.calib_device)
+                               args.calib_stats, args.calib_device,
+                               args.awq_loss_samples if args.awq_loss == "block" else 0)
 
 
 QUANT_METHODS = ("rtn", "awq", "awq+gptq")

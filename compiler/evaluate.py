@@ -214,6 +214,7 @@ class QualitySettings:
     calibration: CalibrationSettings = CalibrationSettings()
     quantize_head: bool = False
     progress: bool = True
+    block_loss_samples: int = 16  # methods "awq/block", "awq+gptq/block": the probe's samples
 
 
 class QualityRun:
@@ -228,6 +229,7 @@ class QualityRun:
         self.calib_seconds = 0.0
         self._awq: dict[Any, Any] = {}
         self._gptq: dict[Any, Any] = {}
+        self._block: dict[Any, Any] = {}
         self._domains: dict[str, list[list[int]]] = {}
 
     def stats(self):
@@ -248,8 +250,11 @@ class QualityRun:
             return None, None
         if method == "rtn":
             return rtn(self.model, scheme, self.s.quantize_head).dequantized(), None
+        if method in ("awq/block", "awq+gptq/block"):
+            return self._block_loss_weights(method.removesuffix("/block"), scheme)
         if method not in ("awq", "awq-scale", "awq+gptq"):
-            raise ValueError(f"unknown method {method!r}; choose float, rtn, awq-scale, awq or awq+gptq")
+            raise ValueError(f"unknown method {method!r}; choose float, rtn, awq-scale, awq, awq+gptq, awq/block "
+                             "or awq+gptq/block")
         stats = self.stats()
         if scheme not in self._awq:
             self._awq[scheme] = awq_quantize(self.model, scheme, stats, clip=True,
@@ -266,6 +271,26 @@ class QualityRun:
             qw, rounding = self._gptq[scheme]
             return qw.dequantized(), searched + res.seconds["clip"] + rounding
         return res.weights.dequantized(), searched + res.seconds["clip"]
+
+    def _block_loss_weights(self, method: str, scheme: Any) -> tuple[dict[str, Any], float]:
+        """AWQ with the block-output loss (calibrate.BlockProbe), as the compile runs it: block by
+        block, the calibration forward included in the time (it cannot come from a cache)."""
+        from ..passes.quantizer import QuantizedWeights
+        from .awq import _score_function, quantized_blocks
+        from .build import QuantConfig
+
+        key = (method, scheme)
+        if key not in self._block:
+            calibration = dataclasses.replace(self.s.calibration, cache=None, probe_samples=self.s.block_loss_samples)
+            quant = QuantConfig(scheme, method, self.s.quantize_head, calibration)
+            func, names = _score_function(self.model)
+            t0 = time.perf_counter()
+            quantized, floats = {}, {}
+            for part in quantized_blocks(self.model, quant, func, names, progress=self.s.progress):
+                quantized.update(part.quantized)
+                floats.update(part.floats)
+            self._block[key] = QuantizedWeights(scheme, quantized, floats).dequantized(), time.perf_counter() - t0
+        return self._block[key]
 
     def domain_windows(self, domain: str) -> list[list[int]]:
         """Windows of another evaluation domain (text_data.EVAL_DOMAINS), same count and length."""

@@ -34,10 +34,13 @@ rows and their bias entries). In float the model's output is unchanged.
 Differences from the reference (llm-awq `auto_scale.py`, AutoAWQ `_search_best_scale`), which
 measures each group's loss by running a module on cached activations:
 
-* The loss for a norm → q/k/v (or → gate/up) group is the error of the consumers' own outputs, not
-  of the whole attention (or MLP) block output; for v → o and up → down both use the consumer
-  output, as here. One float forward pass then suffices (scaling preserves float outputs), and the
-  Gram gives the loss over all calibration tokens in O(N·K²) per α, independent of the token count.
+* By default the loss for a norm → q/k/v (or → gate/up) group is the error of the consumers' own
+  outputs, not of the whole attention (or MLP) block output; for v → o and up → down both use the
+  consumer output, as here. One float forward pass then suffices (scaling preserves float
+  outputs), and the Gram gives the loss over all calibration tokens in O(N·K²) per α, independent
+  of the token count. `search_scales(output_loss=...)` takes the reference's loss instead where
+  the caller can run what a group feeds (compiler/calibrate.BlockProbe: the block's attention or
+  MLP on a few samples, with the consumers' effective weights Q(W·diag(s))·diag(1/s)).
 * Past `SEARCH_MACS` multiply-adds per loss (7B-sized layers), the loss is measured on a seeded
   sample of each consumer's output rows, so a 7B search takes minutes on a CPU, not hours; the
   references measure every row on a GPU. The α grid is compared on the same rows.
@@ -580,26 +583,32 @@ def _relative_magnitude(w: torch.Tensor, group_size: int, chunk: int = CHUNK_ELE
     return (sum(rel(w[i:i + step]).sum(0, dtype=torch.float64) for i in range(0, n, step)) / n).float()
 
 
+OutputLoss = Callable[[Mapping[str, torch.Tensor]], float]  # replaced consumer weights -> output error
+
+
+def effective_weight(w: torch.Tensor, col_scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Q(w·diag(s))·diag(1/s): what the scaled, quantized layer computes, in w's own basis."""
+    return fake_quantize_(w * col_scale, scheme).div_(col_scale)
+
+
 def search_group(group: ScalingGroup, weights: Mapping[str, torch.Tensor], stats, scheme: QuantScheme,
-                 quantized: Callable[[str], bool], n_grid: int = N_GRID, duo: bool = False) -> ScaleResult | None:
+                 quantized: Callable[[str], bool], n_grid: int = N_GRID, duo: bool = False,
+                 output_loss: OutputLoss | None = None) -> ScaleResult | None:
     """Best s = s_x^α (duo: s_x^α / s_w^(1-α), AutoAWQ's default) over the grid; None when no
-    consumer is quantized (nothing to protect)."""
+    consumer is quantized (nothing to protect). The loss is the consumers' output error from their
+    input Grams, or with `output_loss` the error of what they feed, measured by running it with the
+    consumers' effective weights."""
     measured = [c for c in group.consumers if quantized(c.weight) and c.weight in stats]
     if not measured:
         return None
     s_x = activation_scale(group, stats)
     s_w = weight_scale(group, weights, scheme, measured) if duo else None
-    moments = {c.weight: stats.of(c.weight).moment for c in measured}
-    sampled = {}
-    for c in measured:
-        w = weights[c.weight]
-        rows = loss_rows(w.shape[0], w.shape[1], moments[c.weight].rank)
-        sampled[c.weight] = w if rows is None else w.index_select(0, rows)
-    spaces = {c.weight: LossWorkspace(sampled[c.weight], moments[c.weight].rank) for c in measured}
-
-    def loss(s: torch.Tensor) -> float:
-        return sum(group_loss(sampled[c.weight], moments[c.weight], _column_scales(s, c.columns), scheme,
-                              spaces[c.weight]) for c in measured)
+    if output_loss is not None:
+        def loss(s: torch.Tensor) -> float:
+            return output_loss({c.weight: effective_weight(weights[c.weight], _column_scales(s, c.columns), scheme)
+                                for c in measured})
+    else:
+        loss = _gram_loss(measured, weights, stats, scheme)
 
     best: ScaleResult | None = None
     rtn = loss(torch.ones(len(group.channels)))
@@ -615,15 +624,44 @@ def search_group(group: ScalingGroup, weights: Mapping[str, torch.Tensor], stats
     return best
 
 
+def _gram_loss(measured: Sequence[Consumer], weights: Mapping[str, torch.Tensor], stats,
+               scheme: QuantScheme) -> Callable[[torch.Tensor], float]:
+    """The consumers' summed output error at scales s, from their input second moments."""
+    moments = {c.weight: stats.of(c.weight).moment for c in measured}
+    sampled = {}
+    for c in measured:
+        w = weights[c.weight]
+        rows = loss_rows(w.shape[0], w.shape[1], moments[c.weight].rank)
+        sampled[c.weight] = w if rows is None else w.index_select(0, rows)
+    spaces = {c.weight: LossWorkspace(sampled[c.weight], moments[c.weight].rank) for c in measured}
+
+    def loss(s: torch.Tensor) -> float:
+        return sum(group_loss(sampled[c.weight], moments[c.weight], _column_scales(s, c.columns), scheme,
+                              spaces[c.weight]) for c in measured)
+    return loss
+
+
 def search_scales(groups: Sequence[ScalingGroup], weights: Mapping[str, torch.Tensor], stats,
                   scheme: QuantScheme, quantized: Callable[[str], bool], n_grid: int = N_GRID,
-                  progress: bool = True, duo: bool = False) -> dict[int, ScaleResult]:
-    """Search every group (index into `groups` → result); all from the unscaled weights."""
+                  progress: bool = True, duo: bool = False,
+                  output_loss: Callable[[ScalingGroup], OutputLoss | None] | None = None) -> dict[int, ScaleResult]:
+    """Search every group (index into `groups` → result); all from the unscaled weights.
+    `output_loss(group)`: the group's output loss, or None for the Gram loss. Groups with one run
+    one after another on all threads (a submodule forward per candidate); the rest one per core."""
     from tqdm import tqdm
 
+    losses = [output_loss(g) if output_loss else None for g in groups]
+    results: dict[int, ScaleResult | None] = {}
     with tqdm(total=len(groups), desc="awq scale", unit="group", disable=not progress, file=sys.stderr) as bar:
-        results = thread_map(lambda g: search_group(g, weights, stats, scheme, quantized, n_grid, duo), groups, bar)
-    return {i: r for i, r in enumerate(results) if r is not None}
+        for i, g in enumerate(groups):
+            if losses[i] is not None:
+                results[i] = search_group(g, weights, stats, scheme, quantized, n_grid, duo, losses[i])
+                bar.update(1)
+        rest = [i for i in range(len(groups)) if losses[i] is None]
+        found = thread_map(lambda i: search_group(groups[i], weights, stats, scheme, quantized, n_grid, duo),
+                           rest, bar)
+        results.update(zip(rest, found))
+    return {i: r for i, r in sorted(results.items()) if r is not None}
 
 
 # ============================================================================ apply

@@ -75,6 +75,26 @@ def hf_logits(ckpt: Path, ids: list[int], n_decode: int) -> tuple[np.ndarray, li
     return prompt_logits, steps, tokens
 
 
+def hf_submodule_outputs(ckpt: Path, samples: list[list[int]], replace: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Outputs of layer 0's self_attn and mlp in transformers' whole model, with the parameters
+    `replace` (transformers' names under layers.0) swapped in."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        for name, value in replace.items():
+            layer.get_parameter(name).copy_(value)
+    outs: dict[str, list[torch.Tensor]] = {"self_attn": [], "mlp": []}
+    for name in outs:
+        layer.get_submodule(name).register_forward_hook(
+            lambda m, inp, out, name=name: outs[name].append((out[0] if isinstance(out, tuple) else out)[0]))
+    with torch.no_grad():
+        for s in samples:
+            model(torch.tensor([s]))
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 

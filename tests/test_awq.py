@@ -353,3 +353,49 @@ def test_large_layers_are_searched_in_row_chunks_with_the_same_result(monkeypatc
     torch.testing.assert_close(_relative_magnitude(w, 32, chunk=7 * 64), whole_rel)
     g = w.abs().view(40, 2, 32)
     torch.testing.assert_close(whole_rel, (g / (g.amax(-1, keepdim=True) + 1e-6)).view(40, 64).mean(0))
+
+
+def test_block_loss_search_measures_the_attention_and_mlp_outputs(tiny_ckpt: Path) -> None:
+    """With a calibration probe, a norm's scales are chosen on the attention (MLP) output: the
+    loss the search reports for its choice is the error of transformers' own attention (MLP)
+    output with the scaled, quantized, unscaled-back weights; linear → linear groups keep the Gram."""
+    from awqc.compiler.awq import _score_function, awq_block
+    from awqc.compiler.calibrate import BlockCalibrator, CalibrationStats
+    from awqc.compiler.model_import import block_params
+    from awqc.passes.awq_scale import _column_scales, effective_weight
+
+    from conftest import hf_submodule_outputs
+
+    model = load_model(str(tiny_ckpt))
+    rs = np.random.RandomState(0)
+    samples = [list(rs.randint(3, 300, size=48)) for _ in range(3)]
+    weights = {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)}
+    inputs, probe = BlockCalibrator(model, samples, gram_tokens=None).block(0, weights, probe_samples=3)
+    stats = CalibrationStats(inputs, 3, 48, {}, probe)
+    func, names = _score_function(model)
+    groups = [g for g in find_scaling_groups(func, names) if g.producer in weights]
+    scheme = QuantScheme(group_size=32)
+    res = awq_block(weights, [n for n in weights if weights[n].ndim == 2], groups, attention_qk_rows(func, names),
+                    stats, scheme)
+    float_out = hf_submodule_outputs(tiny_ckpt, samples, {})
+    cfg = model.config
+    q, kv, inter = cfg.num_attention_heads * cfg.head_dim, cfg.kv_dim, cfg.intermediate_size
+    splits = {"self_attn": (["q_proj", "k_proj", "v_proj"], [q, kv, kv]), "mlp": (["gate_proj", "up_proj"], [inter] * 2)}
+    checked = 0
+    for i, g in enumerate(groups):
+        r = res.scales[i]
+        if g.kind != "norm":  # v → o, up → down: the Gram loss of the consumer's output
+            w = weights[g.consumers[0].weight]
+            assert r.loss == pytest.approx(group_loss(w, stats.of(g.consumers[0].weight).moment,
+                                                      _column_scales(r.scales, g.consumers[0].columns), scheme),
+                                           rel=1e-5)
+            continue
+        (c,) = g.consumers
+        module = "self_attn" if "qkv_proj" in c.weight else "mlp"
+        new = effective_weight(weights[c.weight], _column_scales(r.scales, c.columns), scheme)
+        parts, sizes = splits[module]
+        out = hf_submodule_outputs(tiny_ckpt, samples, {f"{module}.{p}.weight": t
+                                                        for p, t in zip(parts, torch.split(new, sizes))})[module]
+        assert r.loss == pytest.approx(float((out - float_out[module]).square().sum(-1).mean()), rel=1e-4)
+        checked += 1
+    assert checked == 2

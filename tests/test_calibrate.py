@@ -15,7 +15,7 @@ from awqc.compiler.model_import import block_params, load_model
 from awqc.compiler.text_data import (CALIBRATION_DIRS, DOC_ROOT, EVAL_DIRS, TextError, default_calibration_text,
                                      token_windows)
 
-from conftest import make_checkpoint
+from conftest import hf_submodule_outputs, make_checkpoint
 
 SAMPLES = [list(np.random.RandomState(i).randint(3, 300, size=48)) for i in range(3)]
 
@@ -57,7 +57,7 @@ def test_gram_subsampling(tiny_ckpt: Path) -> None:
     """With gram_tokens, the Gram is exactly that of the rows the calibrator drew from each sample."""
     model = load_model(str(tiny_ckpt))
     cal = BlockCalibrator(model, SAMPLES, gram_tokens=16)
-    stats = cal.block(0, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)})
+    stats, _ = cal.block(0, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)})
     acts = _hf_linear_inputs(tiny_ckpt, SAMPLES)  # every sample's tokens, in order
     rows = torch.cat([r + 48 * b for b, r in enumerate(cal._rows)])
     assert len(stats) == 4
@@ -74,7 +74,7 @@ def test_gram_rows_turn_into_the_gram_past_the_width(tiny_ckpt: Path) -> None:
     samples = [list(np.random.RandomState(10 + i).randint(3, 300, size=48)) for i in range(12)]
     model = load_model(str(tiny_ckpt))
     cal = BlockCalibrator(model, samples, gram_tokens=6)  # 8 × 6 = 48 rows, then 12 × 6 = 72
-    stats = cal.block(0, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)})
+    stats, _ = cal.block(0, {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)})
     acts = _hf_linear_inputs(tiny_ckpt, samples)
     rows = torch.cat([r + 48 * b for b, r in enumerate(cal._rows)])
     for s in stats:
@@ -82,6 +82,40 @@ def test_gram_rows_turn_into_the_gram_past_the_width(tiny_ckpt: Path) -> None:
         assert (s.moment.rows is not None) == (72 <= k)
         xs = acts[s.consumers[0]][rows]
         torch.testing.assert_close(s.gram, xs.T @ xs / 72, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_loss_is_the_submodules_output_error(tiny_ckpt: Path) -> None:
+    """BlockProbe.loss with q/k/v (or gate/up) replaced equals the error of transformers' own
+    attention (MLP) output with those weights, on the same tokens; other submodules stay float."""
+    model = load_model(str(tiny_ckpt))
+    weights = {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)}
+    _, probe = BlockCalibrator(model, SAMPLES, gram_tokens=None).block(0, weights, probe_samples=3)
+    qkv, gate_up = "layers.0.self_attn.qkv_proj.weight", "layers.0.mlp.gate_up_proj.weight"
+    assert probe.module([qkv]) == "self_attn" and probe.module([gate_up]) == "mlp"
+    assert probe.module([qkv, gate_up]) is None and probe.module(["layers.0.input_layernorm.weight"]) is None
+    float_out = hf_submodule_outputs(tiny_ckpt, SAMPLES, {})
+    gen = torch.Generator().manual_seed(0)
+    q, kv = model.config.num_attention_heads * model.config.head_dim, model.config.kv_dim
+    for name, module, parts in ((qkv, "self_attn", [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                                                    ("self_attn.v_proj.weight", kv)]),
+                                (gate_up, "mlp", [("mlp.gate_proj.weight", model.config.intermediate_size),
+                                                  ("mlp.up_proj.weight", model.config.intermediate_size)])):
+        new = weights[name] + 0.05 * torch.randn(weights[name].shape, generator=gen)
+        split = dict(zip([n for n, _ in parts], torch.split(new, [k for _, k in parts])))
+        out = hf_submodule_outputs(tiny_ckpt, SAMPLES, split)[module]
+        expected = float((out - float_out[module]).square().sum(-1).mean())
+        assert expected > 0
+        assert probe.loss(module, {name: new}) == pytest.approx(expected, rel=1e-4)
+        assert probe.loss(module, {name: weights[name]}) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_probe_keeps_batches_spread_over_the_samples(tiny_ckpt: Path) -> None:
+    cal = BlockCalibrator(load_model(str(tiny_ckpt)), [SAMPLES[0]] * 40, gram_tokens=None)  # 5 batches of 8
+    assert cal.probe_batches(0) == set()
+    assert cal.probe_batches(8) == {0}
+    assert cal.probe_batches(16) == {0, 16}  # batches 0 and 2 of 5
+    assert cal.probe_batches(17) == {0, 8, 24}
+    assert cal.probe_batches(1000) == {0, 8, 16, 24, 32}
 
 
 CALIB_TEXT = " ".join(["compilers turn programs into machine code and the quick brown fox jumps"] * 30)

@@ -171,6 +171,36 @@ def test_awq_compile_matches_its_fake_quant_reference(tmp_path: Path, method: st
     assert rel_err(engine.score(ids), ref.score(ids)) < 1e-5
 
 
+def test_block_loss_compile_matches_its_fake_quant_reference(tmp_path: Path) -> None:
+    """`--awq-loss block` searches other scales than the default loss, and its artifact equals the
+    float model run on the same weights dequantized (searched again here, block by block)."""
+    from awqc.compiler.awq import _score_function, quantized_blocks
+    from awqc.compiler.build import QuantConfig
+    from awqc.compiler.calibrate import CalibrationSettings
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=5, intermediate_size=128)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and token{i % 13}." for i in range(800)))
+    out = tmp_path / "awq"
+    assert main(["compile", "--model", str(ckpt), "--quant", "awq-w4g32", "--awq-loss", "block",
+                 "--awq-loss-samples", "3", "--calib-text", str(text), "--calib-samples", "3", "--calib-seq-len", "32",
+                 "--context-window", "128", "-o", str(out)]) == 0
+    model = load_model(str(ckpt))
+    func, names = _score_function(model)
+
+    def weights(probe_samples: int) -> dict[str, torch.Tensor]:
+        quant = QuantConfig(QuantScheme(group_size=32), "awq", False, CalibrationSettings(text, 3, 32, probe_samples=probe_samples))
+        parts = list(quantized_blocks(model, quant, func, names, progress=False))
+        return {n: w for p in parts for n, w in p.dequantized().items()}
+
+    block, linear = weights(3), weights(0)
+    assert any(not torch.equal(w, linear[n]) for n, w in block.items())
+    fake = dataclasses.replace(model, weights={k: v.numpy() for k, v in block.items()})
+    ref = Engine(write_artifact(tmp_path / "fake", fake, get_target("host"), "float32", 128))
+    ids = list(np.random.RandomState(6).randint(3, 300, size=40))
+    assert rel_err(Engine(out).score(ids), ref.score(ids)) < 1e-5
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_bits_per_weight_is_what_the_layout_stores(group: int) -> None:
     """A 4-bit weight, plus a float16 scale and a 4-bit zero per group: 4.625 / 4.3125 / 4.15625
