@@ -71,8 +71,9 @@ def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: 
     plain = dataclasses.replace(scheme, act_bits=16).name
     if isa is None:
         raise QuantizationError(
-            f"{scheme.name} (int8 activations) runs on x86 CPU targets with AVX2 or AVX-512 VNNI, not on "
-            f"target {spec.name}; use {plain} (float activations) there")
+            f"{scheme.name} (int8 activations) runs on CPU targets with integer dot products (x86 with AVX2 "
+            f"or AVX-512 VNNI, aarch64 with dotprod: --target arm-neon-dotprod), not on target {spec.name}; "
+            f"use {plain} (float activations) there")
     if dtype != "float32":
         raise QuantizationError(f"{scheme.name} kernels take float32 activations; compile with --dtype float32 "
                                 f"or use {plain}")

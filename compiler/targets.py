@@ -77,6 +77,12 @@ _FIXED: dict[str, TargetSpec] = {
     "arm-neon": TargetSpec(
         "arm-neon", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4},
         "aarch64", cross_compiler="aarch64-linux-gnu-g++"),
+    # Armv8.2 dot products (Cortex-A76 and later: Snapdragon 855+, Dimensity, Orin's A78AE):
+    # W4A8 on sdot
+    "arm-neon-dotprod": TargetSpec(
+        "arm-neon-dotprod", {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"],
+                             "num-cores": 4},
+        "aarch64", cross_compiler="aarch64-linux-gnu-g++"),
 }
 
 

@@ -1,4 +1,4 @@
-"""W4A8 decode GEMV and prefill GEMM for x86: int4 weights (layout "d{L}", schedules/layouts.py) times int8
+"""W4A8 decode GEMV and prefill GEMM for x86 and aarch64: int4 weights (layout "d{L}", schedules/layouts.py) times int8
 activations with integer dot-product instructions, the route llama.cpp's Q4_0 x Q8_0 takes.
 
 Why: the W4A16 GEMV (w4_cpu.py) spends an AND, an int->float convert and an FMA per L weights
@@ -7,7 +7,10 @@ call (per group: scale dx = max|x| / 127, the semantics of w4_kernels.w4_gemm_do
 instruction multiplies 4 weight bytes by 4 activation bytes and sums them, in every lane:
   * "vnni": AVX-512 VNNI vpdpbusd (u8 x s8, accumulated in int32);
   * "avx2": vpmaddubsw (u8 x s8 -> pairs summed in int16; |q * xq| <= 15 * 127 so two never
-    saturate) then vpmaddwd by ones (-> int32) and an add.
+    saturate) then vpmaddwd by ones (-> int32) and an add;
+  * "sdot": aarch64 dotprod (Armv8.2+: Cortex-A76/A78, X1, Orin's A78AE) sdot (s8 x s8 -> int32),
+    two 128-bit instructions per 8-lane word vector. The weight nibbles 0..15 are the same bytes
+    as signed or unsigned, so the data and the algebra are the x86 kernels'.
 Lanes hold rows: word (c, r) of a tile carries columns 8c..8c+7 of row r (byte i: column 8c+i
 in the low nibble, 8c+4+i in the high one), so AND 0x0F and (>> 4) & 0x0F give two operands
 whose activation side is one broadcast of 4 int8 values. Per group and tile, the int32 sums of L
@@ -32,7 +35,7 @@ from .layouts import DotLayout
 from .w4_cpu import _kernel_shape
 from .w4_kernels import PACK, SCALE_DTYPE, ZEROS_PER_WORD, _check_dot, zeros_shape
 
-DOT_ISAS = ("vnni", "avx2")
+DOT_ISAS = ("vnni", "avx2", "sdot")
 CHAINS = 4  # independent int32 accumulators per tile (the dot instruction's latency is ~4 cycles)
 GEMM_ROWS = 4  # activation rows per weight unpack in the GEMM (x 2 chains: 8 accumulators)
 GEMM_CHUNK_BYTES = 128 << 10
@@ -40,11 +43,15 @@ _LOW_NIBBLES = 0x0F0F0F0F
 
 
 def dot_isa(tvm_target: dict) -> str | None:
-    """Which integer dot product an x86 LLVM target has: "vnni", "avx2", or None (not x86, or
-    older than AVX2)."""
-    if tvm_target.get("kind") != "llvm" or not str(tvm_target.get("mtriple", "")).startswith("x86_64"):
+    """Which integer dot product an LLVM CPU target has: "vnni", "avx2" (x86), "sdot" (aarch64
+    with +dotprod), or None (older CPUs, other architectures)."""
+    if tvm_target.get("kind") != "llvm":
         return None
-    mattr = set(tvm_target.get("mattr", []))
+    triple, mattr = str(tvm_target.get("mtriple", "")), set(tvm_target.get("mattr", []))
+    if triple.startswith("aarch64"):
+        return "sdot" if "+dotprod" in mattr else None
+    if not triple.startswith("x86_64"):
+        return None
     if "+avx512vnni" in mattr and tvm_target.get("mcpu") == "x86-64-v4":
         return "vnni"
     if tvm_target.get("mcpu") in ("x86-64-v3", "x86-64-v4") or "+avx2" in mattr:
@@ -77,8 +84,8 @@ def _w4a8_matmul(k: int, n: int, group: int, lanes: int, isa: str, rows: int | N
     _check_dot(k, n, group, lanes)
     if isa not in DOT_ISAS:
         raise ValueError(f"unknown dot-product ISA {isa!r}; known: {', '.join(DOT_ISAS)}")
-    if isa == "avx2" and lanes != 8:
-        raise ValueError("the AVX2 dot product works on 256-bit vectors: layout d8")
+    if isa in ("avx2", "sdot") and lanes != 8:
+        raise ValueError(f"the {isa} kernels work on 8-lane words (256-bit on AVX2, two NEON registers): layout d8")
     ng, words, tiles, kw4 = k // group, group // PACK, n // lanes, k // 4
     vi32, vf32 = f"int32x{lanes}", f"float32x{lanes}"
     mr = 1 if rows == 1 else GEMM_ROWS
@@ -90,12 +97,36 @@ def _w4a8_matmul(k: int, n: int, group: int, lanes: int, isa: str, rows: int | N
     # of weights passes over them
     chunk = 1 if rows == 1 else max(mr, GEMM_CHUNK_BYTES // k // mr * mr)
 
-    def dot(acc, q, xq):  # acc[r] += sum of 4 byte products of q[r] and xq[r]
-        a, b = T.reinterpret(f"int8x{4 * lanes}", q), T.reinterpret(f"int8x{4 * lanes}", xq)
+    def dot(acc, q, xq):  # acc[r] += sum of 4 byte products of q[r] and xq[r] (sdot: xq is 4 lanes, for each half)
+        a = T.reinterpret(f"int8x{4 * lanes}", q)
+        if isa == "sdot":  # per 128-bit half: lanes 4h..4h+3, weight bytes 16h..16h+15
+            b = T.reinterpret("int8x16", xq)
+            halves = [T.call_llvm_pure_intrin(
+                "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", tirx.Shuffle([acc], list(range(4 * h, 4 * h + 4))),
+                tirx.Shuffle([a], list(range(16 * h, 16 * h + 16))), b) for h in range(2)]
+            return tirx.Shuffle(halves, list(range(8)))
+        b = T.reinterpret(f"int8x{4 * lanes}", xq)
         if isa == "vnni":
             return T.call_llvm_pure_intrin(vi32, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc, a, b)
         pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
         return acc + T.call_llvm_pure_intrin(vi32, "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), 16))
+
+    def high_nibbles(word):
+        if isa == "sdot":  # NEON shifts bytes: one instruction, no mask
+            return T.reinterpret(f"uint32x{lanes}", T.shift_right(T.reinterpret(f"uint8x{4 * lanes}", word),
+                                                                  T.broadcast(T.uint8(4), 4 * lanes)))
+        return T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(4), lanes)),
+                             T.broadcast(T.uint32(_LOW_NIBBLES), lanes))
+
+    def activations(xq4, row, g, w, half):
+        """The 4 int8 activations word (g, w, half) multiplies, broadcast to every lane; for sdot
+        a lane of the 16-byte vector that holds words w - w % 2 .. w - w % 2 + 1 of the group, so
+        LLVM picks the lane-indexed sdot and loads 16 activations at once."""
+        at = row * kw4 + (g * words + w) * 2 + half
+        if isa != "sdot":
+            return T.broadcast(xq4[at], lanes)
+        base = row * kw4 + (g * words + w - w % 2) * 2
+        return tirx.Shuffle([xq4[T.ramp(base, 1, 4)]], [(w % 2) * 2 + half] * 4)
 
     def vec(buf, start):
         return buf[T.ramp(start, 1, lanes)]
@@ -164,15 +195,13 @@ def _w4a8_matmul(k: int, n: int, group: int, lanes: int, isa: str, rows: int | N
                             for w in T.unroll(words):
                                 word = T.meta_var(row_vec(qweight, t, (g * words + w) * lanes))
                                 low = T.meta_var(T.bitwise_and(word, T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
-                                high = T.meta_var(T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(4), lanes)),
-                                                                T.broadcast(T.uint32(_LOW_NIBBLES), lanes)))
+                                high = T.meta_var(high_nibbles(word))
                                 for i in T.unroll(mr):
                                     c0 = T.meta_var((i * per_row + (2 * w) % per_row) * lanes)
                                     c1 = T.meta_var((i * per_row + (2 * w + 1) % per_row) * lanes)
-                                    at = T.meta_var((rb * mr + i) * kw4 + (g * words + w) * 2)
-                                    iacc[T.ramp(c0, 1, lanes)] = dot(vec(iacc, c0), low, T.broadcast(xq4[at], lanes))
-                                    iacc[T.ramp(c1, 1, lanes)] = dot(vec(iacc, c1), high,
-                                                                     T.broadcast(xq4[at + 1], lanes))
+                                    row = T.meta_var(rb * mr + i)
+                                    iacc[T.ramp(c0, 1, lanes)] = dot(vec(iacc, c0), low, activations(xq4, row, g, w, 0))
+                                    iacc[T.ramp(c1, 1, lanes)] = dot(vec(iacc, c1), high, activations(xq4, row, g, w, 1))
                             s = T.meta_var(T.Cast(vf32, row_vec(scales, t, g * lanes)))
                             z = T.meta_var(zero_vec(zeros, t, g))
                             for i in T.unroll(mr):

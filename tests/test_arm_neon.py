@@ -254,3 +254,52 @@ def test_int4_inner_loop_is_neon(arm_and_host: tuple[Path, Path], kind: str) -> 
             dequant = innermost_loop(insns, "ucvtf")
             assert dequant is not None and NEON_DEQUANT <= set(vector_mnemonics(dequant)), \
                 f"{kernel}: no vectorized dequantization loop"
+
+
+# ------------------------------------------------------------------ (d) W4A8 on sdot
+@pytest.mark.parametrize("rows, m, k, n, group", [(1, 1, 576, 64, 64), (None, 5, 256, 96, 32)],
+                         ids=["gemv", "gemm"])
+def test_w4a8_sdot_kernel_under_qemu_matches_numpy(runner: Path, tmp_path: Path, rows: int | None, m: int, k: int,
+                                                   n: int, group: int) -> None:
+    """The W4A8 kernels for arm-neon-dotprod (sdot) against numpy with the same int8 rounding of
+    the activations (per row and group, scale max|x| / 127)."""
+    from safetensors.numpy import save_file
+
+    from awqc.schedules.layouts import DotLayout
+    from awqc.schedules.w4a8_cpu import dot_scheduler
+
+    from test_w4a8 import fake_quant_activations, random_quantized
+
+    layout, spec = DotLayout(8), get_target("arm-neon-dotprod")
+    func = dot_scheduler(layout, "sdot")(layout.kernel(k, n, group, "float32", rows), group, rows)
+    lib = tmp_path / "kernel.so"
+    tvm.compile(tvm.IRModule({"w4_kernel": func.with_attr("global_symbol", "w4_kernel")}),
+                spec.target()).export_library(str(lib), fcompile=spec.fcompile())
+    assert "sdot" in {mn for insns in disassemble(lib).values() for _, mn, _ in insns}
+    q, s, z, w = random_quantized(n, k, group)
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    args = [x, *layout.pack(q, s, z), np.zeros((m, n), np.float32)]
+    save_file({f"arg{i}": a for i, a in enumerate(args)}, str(tmp_path / "args.safetensors"))
+    qemu_ok(runner, "--kernel", lib, "w4_kernel", tmp_path / "args.safetensors", tmp_path / "y.bin")
+    y = np.fromfile(tmp_path / "y.bin", np.float32).reshape(m, n)
+    ref = fake_quant_activations(x, group).astype(np.float64) @ w.astype(np.float64).T
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_w4a8_model_under_qemu_matches_x86(runner: Path, tmp_path: Path) -> None:
+    """The same RTN W4A8 weights compiled for arm-neon-dotprod and for this x86 host give the same
+    logits: the sdot kernels round and sum as the x86 dot-product kernels do."""
+    model = load_model(str(make_checkpoint(tmp_path / "ckpt", seed=5, intermediate_size=128)))
+    quant = quantize_model(model, "rtn", QuantScheme(group_size=32, act_bits=8), False)
+    arm = write_artifact(tmp_path / "arm", model, get_target("arm-neon-dotprod"), "float32", 128, quant=quant,
+                         method="rtn")
+    host = write_artifact(tmp_path / "host", model, get_target("host"), "float32", 128, quant=quant, method="rtn")
+    assert json.loads((arm / "manifest.json").read_text())["quantization"]["layout"] == "d8"
+    prompt, feed = [int(t) for t in np.random.RandomState(7).randint(3, 300, size=13)], [42, 7, 250]
+    logits_bin = tmp_path / "logits.bin"
+    qemu_ok(runner, arm, "--prompt", ids_arg(prompt), "--feed", ids_arg(feed), "--logits", logits_bin)
+    engine = Engine(host)
+    ref = np.stack([engine.prefill(prompt)] + [engine.decode(t) for t in feed])
+    assert rel_err(np.fromfile(logits_bin, np.float32).reshape(ref.shape), ref) < 1e-4
+    funcs = disassemble(arm / "lib.so")
+    assert any(mn == "sdot" for name, insns in funcs.items() if "w4" in name for _, mn, _ in insns)
