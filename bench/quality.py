@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model)
     t_load = time.perf_counter() - t0
     calibration = CalibrationSettings(None, args.calib_samples, args.calib_seq_len, args.gram_tokens or None,
-                                      args.calib_stats)
-    settings = QualitySettings(None, args.windows, args.window_len, calibration,
-                               block_loss_samples=args.block_loss_samples)
+                                      args.calib_stats, probe_samples=args.block_loss_samples)
+    settings = QualitySettings(None, args.windows, args.window_len, calibration)
     run = QualityRun(model, settings)
     methods = ["float", "rtn", "awq", "awq+gptq"] + (["awq/block", "awq+gptq/block"] if args.block_loss else [])
     rows = []

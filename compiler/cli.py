@@ -252,11 +252,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                not args.quiet)
     run = QualityRun(model, settings)
     domain = None if args.text else args.domain
+
+    def searched(method: str) -> str:  # with --awq-loss block, AWQ searches as the compile does
+        return f"{method}/block" if args.awq_loss == "block" and method in ("awq", "awq+gptq") else method
+
     if args.compare:
         schemes = [QuantScheme(scheme.bits, g, scheme.symmetric) for g in (args.group_sizes or [scheme.group_size])]
-        rows = run.compare(["float", "rtn", "awq-scale", "awq", "awq+gptq"], schemes, domain)
+        methods = ["float", "rtn"] + (["awq-scale"] if args.awq_loss == "linear" else []) + ["awq", "awq+gptq"]
+        rows = run.compare([searched(m) for m in methods], schemes, domain)
     else:
-        res, search = run.perplexity(args.method, scheme, domain)
+        if args.awq_loss == "block" and args.method == "awq-scale":
+            raise ValueError("--method awq-scale is the Gram-loss search alone; drop --awq-loss block")
+        res, search = run.perplexity(searched(args.method), scheme, domain)
         rows = [{"method": args.method, "quant": "–" if args.method == "float" else scheme.name,
                  "perplexity": res.ppl, "search s": search}]
     print(format_table(rows))

@@ -214,7 +214,6 @@ class QualitySettings:
     calibration: CalibrationSettings = CalibrationSettings()
     quantize_head: bool = False
     progress: bool = True
-    block_loss_samples: int = 16  # methods "awq/block", "awq+gptq/block": the probe's samples
 
 
 class QualityRun:
@@ -238,7 +237,9 @@ class QualityRun:
         if self._stats is None:
             t0 = time.perf_counter()
             s = self.s
-            self._stats = calibration_stats(self.model, s.calibration, s.quantize_head, s.progress)
+            # the whole model's statistics at once: no block probes (only the /block methods use them)
+            calibration = dataclasses.replace(s.calibration, probe_samples=0)
+            self._stats = calibration_stats(self.model, calibration, s.quantize_head, s.progress)
             self.calib_seconds = time.perf_counter() - t0
         return self._stats
 
@@ -281,7 +282,8 @@ class QualityRun:
 
         key = (method, scheme)
         if key not in self._block:
-            calibration = dataclasses.replace(self.s.calibration, cache=None, probe_samples=self.s.block_loss_samples)
+            calibration = dataclasses.replace(self.s.calibration, cache=None,
+                                              probe_samples=self.s.calibration.probe_samples or 16)
             quant = QuantConfig(scheme, method, self.s.quantize_head, calibration)
             func, names = _score_function(self.model)
             t0 = time.perf_counter()

@@ -58,6 +58,24 @@ def test_cli_compare_float_rtn_awq_gptq(tiny_ckpt: Path, text_file: Path, tmp_pa
     assert (tmp_path / "stats.pt").is_file()
 
 
+def test_cli_compare_with_the_block_loss(tiny_ckpt: Path, text_file: Path, capsys: pytest.CaptureFixture) -> None:
+    """--awq-loss block: the AWQ rows search as the compile does with it (block by block, the
+    attention / MLP output as the loss), and scale-only (a Gram-loss row) is left out."""
+    args = ["eval", "--model", str(tiny_ckpt), "--group-sizes", "32", "--text", str(text_file), "--windows", "2",
+            "--window-len", "32", "--calib-text", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32",
+            "--quiet"]
+    assert main(args + ["--compare", "--awq-loss", "block", "--awq-loss-samples", "4"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "method" not in line]
+    assert [r[1].strip() for r in rows] == ["float", "rtn", "awq/block", "awq+gptq/block"]
+    assert main(args + ["--compare"]) == 0
+    linear = {r.split("|")[1].strip(): r.split("|")[3] for r in capsys.readouterr().out.splitlines()
+              if r.startswith("| ") and "method" not in r}
+    assert rows[2][3] != linear["awq"]  # another search, other weights
+    assert main(args + ["--method", "awq-scale", "--awq-loss", "block"]) == 2
+    assert "drop --awq-loss block" in capsys.readouterr().err
+
+
 def test_cli_errors(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["eval"]) == 2
     assert "either an ARTIFACT directory or --model" in capsys.readouterr().err
