@@ -8,6 +8,8 @@ same floats awqc imports), a Hugging Face checkpoint through the same tree's con
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,20 +29,41 @@ def _run(cmd: list[str]) -> None:
         sys.exit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-2000:]}")
 
 
+def _identity(f: Path) -> str:
+    """A small file's content hash (a calibration text is rewritten by every run); a large one's
+    size and modification time (hashing a multi-GB GGUF per run would cost more than it saves)."""
+    st = f.stat()
+    if st.st_size <= 64 << 20:
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+    return f"{f}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _made(out: Path, cmd: list[str], inputs: list[Path]) -> Path:
+    """`out` as `cmd` makes it from `inputs`: reused only when the same command made it from the
+    same files (kept beside it in OUT.key), else remade, so a run with other settings or another
+    calibration text never picks up a stale file."""
+    key = hashlib.sha256(json.dumps([cmd, [_identity(f) for f in inputs]]).encode()).hexdigest()
+    stamp = out.with_name(out.name + ".key")
+    if out.is_file() and stamp.is_file() and stamp.read_text() == key:
+        return out
+    stamp.unlink(missing_ok=True)
+    _run(cmd)
+    stamp.write_text(key)
+    return out
+
+
 def float_gguf(model: str, workdir: Path, bin_dir: Path) -> Path:
     """A float GGUF of the model's weights, made once."""
     if model == "default":
         from awqc.compiler.model_import import default_model_path
 
-        out = workdir / "default.f32.gguf"
-        if not out.is_file():
-            _run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(default_model_path()), str(out), "F32"])
-        return out
+        out, source = workdir / "default.f32.gguf", default_model_path()
+        return _made(out, [str(bin_dir / "llama-quantize"), "--allow-requantize", str(source), str(out), "F32"],
+                     [Path(source)])
     out = workdir / f"{Path(model).name}.f16.gguf"
-    if not out.is_file():
-        convert = bin_dir.parents[1] / "convert_hf_to_gguf.py"
-        _run([sys.executable, str(convert), model, "--outtype", "f16", "--outfile", str(out)])
-    return out
+    convert = bin_dir.parents[1] / "convert_hf_to_gguf.py"
+    return _made(out, [sys.executable, str(convert), model, "--outtype", "f16", "--outfile", str(out)],
+                 sorted(Path(model).glob("*.safetensors")) + [Path(model) / "config.json"])
 
 
 def quantize(bin_dir: Path, source: Path, out: Path, qtype: str, *, pure: bool = False,
@@ -48,8 +71,6 @@ def quantize(bin_dir: Path, source: Path, out: Path, qtype: str, *, pure: bool =
     """`source` quantized to `qtype` by llama-quantize, made once. `pure`: every tensor in qtype
     (else llama.cpp's own mix for the type); `float_embedding`: the token embedding and output
     tensors stay F32 (so only the decoder blocks' linears are quantized)."""
-    if out.is_file():
-        return out
     cmd = [str(bin_dir / "llama-quantize")]
     if pure:
         cmd.append("--pure")
@@ -57,17 +78,14 @@ def quantize(bin_dir: Path, source: Path, out: Path, qtype: str, *, pure: bool =
         cmd += ["--imatrix", str(imatrix)]
     if float_embedding:
         cmd += ["--token-embedding-type", "f32", "--output-tensor-type", "f32"]
-    _run(cmd + [str(source), str(out), qtype])
-    return out
+    return _made(out, cmd + [str(source), str(out), qtype], [source] + ([imatrix] if imatrix else []))
 
 
 def importance_matrix(bin_dir: Path, source: Path, text_file: Path, out: Path, chunks: int, ctx: int,
                       threads: int = 2) -> Path:
     """llama-imatrix's importance matrix of `source` on `chunks` windows of `ctx` tokens of the text."""
-    if not out.is_file():
-        _run([str(bin_dir / "llama-imatrix"), "-m", str(source), "-f", str(text_file), "-o", str(out),
-              "--chunks", str(chunks), "-c", str(ctx), "-t", str(threads)])
-    return out
+    return _made(out, [str(bin_dir / "llama-imatrix"), "-m", str(source), "-f", str(text_file), "-o", str(out),
+                       "--chunks", str(chunks), "-c", str(ctx), "-t", str(threads)], [source, text_file])
 
 
 def linear_bits_per_weight(gguf: Path) -> float:

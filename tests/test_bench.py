@@ -53,3 +53,27 @@ def test_refusals(tiny_artifact: Path, capsys: pytest.CaptureFixture, argv: list
         rc = exit.code
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_llamacpp_files_are_remade_when_their_inputs_change(tmp_path: Path) -> None:
+    """bench/llamacpp.py reuses a GGUF or imatrix only when the same command made it from the same
+    inputs: another calibration text (or other flags) makes it again."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from llamacpp import _made
+
+    text, out = tmp_path / "calib.txt", tmp_path / "imatrix.dat"
+    text.write_text("first text")
+    cmd = ["sh", "-c", f"cat {text} >> {out}"]  # appends: each run of the command shows
+    _made(out, cmd, [text])
+    _made(out, cmd, [text])
+    assert out.read_text() == "first text"
+    text.write_text("first text")  # rewritten with the same content (bench/quality.py does so every run)
+    _made(out, cmd, [text])
+    assert out.read_text() == "first text"
+    text.write_text("other text")
+    _made(out, cmd, [text])
+    assert out.read_text() == "first textother text"
+    _made(out, cmd + ["--flag"], [text])
+    assert out.read_text().count("other text") == 2
