@@ -222,8 +222,9 @@ class BlockProbe:
         from torch.func import functional_call
 
         local = family(self.cfg.model_type).hf_block_weights(self.cfg, replaced, self.prefix)
-        params = {k.removeprefix(module + "."): v for k, v in local.items()}
         sub = self.layer.get_submodule(module)
+        device = next(sub.parameters()).device  # the calibration device (--calib-device)
+        params = {k.removeprefix(module + "."): v.to(device) for k, v in local.items()}
         total = 0.0
         with torch.no_grad():
             for args, kwargs, ref in self.calls[module]:
