@@ -108,3 +108,71 @@ def test_streaming_writer_refuses_incomplete(tmp_path: Path) -> None:
         w.close()
     with pytest.raises(ValueError, match="not expected"):
         SafetensorsWriter(tmp_path / "x.safetensors", ["a"]).write("z", np.zeros(1, np.float32))
+
+
+def _gguf_of(model, arch: str, out: Path) -> Path:
+    """A float32 GGUF of a transformers model as llama.cpp's converter lays one out for `arch`
+    (tensor names from gguf's map, no q/k permutation outside llama), with the default model's
+    tokenizer (the model's vocab_size must be its 49152)."""
+    import gguf
+
+    cfg = model.config
+    default = gguf.GGUFReader(str(default_model_path()))
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"])
+    w.add_vocab_size(cfg.vocab_size)
+    for field in default.fields.values():  # the tokenizer, as the default GGUF carries it
+        if field.name.startswith("tokenizer.ggml."):
+            value = field.contents()
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(field.name, value, kind, sub_type=sub)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                     cfg.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3"])
+def test_gguf_of_another_family_reads_as_its_checkpoint(tmp_path: Path, model_type: str) -> None:
+    """Qwen3 (per-head q/k norms) and Phi-3 (q/k/v and gate/up fused in the file) from a GGUF laid
+    out as llama.cpp's converter does: awqc's config and weights equal the transformers model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=model_type == "qwen3")
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + 1.0)
+    model = load_model(str(_gguf_of(hf, model_type, tmp_path / f"{model_type}.gguf")))
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.tie_word_embeddings) == \
+        (model_type, 2, 2, getattr(hf.config, "head_dim", None) or 64 // 4, model_type == "qwen3")
+    sd = {k.removeprefix("model."): v.float().numpy() for k, v in hf.state_dict().items()}
+    if model_type == "qwen3":
+        expected = fused_reference(hf.state_dict(), cfg)
+    else:  # Phi-3 stores qkv_proj and gate_up_proj already fused, as awqc does
+        expected = {k: v for k, v in sd.items()}
+    assert set(model.weights) == set(expected)
+    for name, w in expected.items():
+        np.testing.assert_array_equal(model.weights[name], w, err_msg=name)
