@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,13 +40,13 @@ GGML_INCLUDES = ["ggml/include", "ggml/src", "ggml/src/ggml-cpu"]
 PRODUCTS = {"sdot": 16, "smmla": 32}  # int8 multiply-adds per instruction
 
 
-def awqc_asm(k: int, n: int, group: int, isa: str, rows: int | None, mcpu: str) -> str:  # isa: "sdot"
-    """LLVM's assembly of awqc's W4A8 kernel (rows 1: the GEMV; None: the GEMM) for the core."""
+def awqc_asm(k: int, n: int, group: int, rows: int | None, mcpu: str) -> str:
+    """LLVM's assembly of awqc's W4A8 sdot kernel (rows 1: the GEMV; None: the GEMM) for the core."""
     from awqc.schedules.layouts import DotLayout
     from awqc.schedules.w4a8_cpu import dot_scheduler
 
     layout = DotLayout(8)
-    func = dot_scheduler(layout, isa)(layout.kernel(k, n, group, "float32", rows), group, rows)
+    func = dot_scheduler(layout, "sdot")(layout.kernel(k, n, group, "float32", rows), group, rows)
     target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu,
                                 "mattr": ["+neon", "+dotprod"]})
     lib = tvm.compile(tvm.IRModule({"w4a8": func.with_attr("global_symbol", "w4a8")}), target)
@@ -104,13 +105,12 @@ def innermost_loop(asm: str, mnemonic: str) -> list[str]:
     return min(loops, key=len)
 
 
-def mca(body: list[str], mcpu: str, iterations: int = 300) -> dict[str, float]:
+def cycles_per_iteration(body: list[str], mcpu: str, iterations: int = 300) -> float:
+    """llvm-mca's total cycles for `iterations` runs of the loop body, per run."""
     out = subprocess.run(["llvm-mca", "-mtriple=aarch64-linux-gnu", f"-mcpu={mcpu}", "-mattr=+dotprod,+i8mm",
                           f"-iterations={iterations}"],
                          input="\n".join(body) + "\n", capture_output=True, text=True, check=True).stdout
-    total = float(re.search(r"Total Cycles:\s+(\d+)", out).group(1))
-    rthroughput = float(re.search(r"Block RThroughput:\s+([\d.]+)", out).group(1))
-    return {"cycles_per_iter": total / iterations, "block_rthroughput": rthroughput}
+    return float(re.search(r"Total Cycles:\s+(\d+)", out).group(1)) / iterations
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,16 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4096, help="awqc GEMV output size (default 4096)")
     p.add_argument("--group", type=int, default=64, help="awqc quantization group (default 64, Q4_0's is 32)")
     args = p.parse_args(argv)
+    missing = [t for t in ("llvm-mca", "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++") if shutil.which(t) is None]
+    if missing:
+        p.error(f"{', '.join(missing)} not found: install Debian's llvm (llvm-mca) and the aarch64 cross compilers "
+                "(scripts/setup.sh installs those)")
 
     quants, repack = "ggml/src/ggml-cpu/arch/arm/quants.c", "ggml/src/ggml-cpu/arch/arm/repack.cpp"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        gemv = [(f"awqc W4A8 GEMV, sdot, g{args.group} (d8)", awqc_asm(args.k, args.n, args.group, "sdot", 1, args.mcpu), "sdot"),
+        gemv = [(f"awqc W4A8 GEMV, sdot, g{args.group} (d8)", awqc_asm(args.k, args.n, args.group, 1, args.mcpu), "sdot"),
                 ("llama.cpp ggml_vec_dot_q4_0_q8_0", llama_asm(quants, "ggml_vec_dot_q4_0_q8_0", args.mcpu, work), "sdot"),
                 ("llama.cpp ggml_gemv_q4_0_4x4_q8_0 (repacked)",
                  llama_asm(repack, "ggml_gemv_q4_0_4x4_q8_0", args.mcpu, work), "sdot")]
         gemm = [(f"awqc W4A8 GEMM, sdot, g{args.group} (d8)",
-                 awqc_asm(args.k, args.n, args.group, "sdot", None, args.mcpu), "sdot"),
+                 awqc_asm(args.k, args.n, args.group, None, args.mcpu), "sdot"),
                 ("llama.cpp ggml_gemm_q4_0_4x4_q8_0 (repacked, dotprod)",
                  llama_asm(repack, "ggml_gemm_q4_0_4x4_q8_0", args.mcpu, work), "sdot"),
                 ("llama.cpp ggml_gemm_q4_0_4x8_q8_0 (repacked, i8mm)",
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 body = innermost_loop(asm, mnemonic)
                 dots = sum(x.startswith(mnemonic) for x in body)
                 products = PRODUCTS[mnemonic] * dots
-                cycles = mca(body, args.mcpu)["cycles_per_iter"]
+                cycles = cycles_per_iteration(body, args.mcpu)
                 print(f"| {name} | {len(body)} | {dots} {mnemonic} | {products} | {cycles:.1f} | "
                       f"**{1000 * cycles / products:.1f}** |")
     return 0

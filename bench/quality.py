@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from awqc.compiler.calibrate import CalibrationSettings, load_samples  # noqa: E402
+from awqc.compiler.calibrate import DEFAULT_PROBE_SAMPLES, CalibrationSettings, load_samples  # noqa: E402
 from awqc.compiler.evaluate import QualityRun, QualitySettings, format_table, gap_closed, perplexity  # noqa: E402
 from awqc.compiler.model_import import load_model  # noqa: E402
 from awqc.passes.quantizer import QuantScheme  # noqa: E402
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-loss", action="store_true",
                    help="also AWQ and AWQ+GPTQ with the block-output loss (awqc compile --awq-loss block): "
                         "rows awq/block, awq+gptq/block")
-    p.add_argument("--block-loss-samples", type=int, default=16, help="samples the block loss runs on (default 16)")
+    p.add_argument("--block-loss-samples", type=int, default=DEFAULT_PROBE_SAMPLES,
+                   help=f"samples the block loss runs on (default {DEFAULT_PROBE_SAMPLES})")
     p.add_argument("--no-llamacpp", action="store_true", help="leave out llama.cpp's rows (and its build)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/awqc-quality"), help="llama.cpp's GGUFs go here")
     args = p.parse_args(argv)

@@ -49,6 +49,7 @@ from .text_data import default_calibration_texts, read_text, token_windows, toke
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 DEFAULT_GRAM_TOKENS = 128  # per sample: 16k tokens for the Gram at the defaults
+DEFAULT_PROBE_SAMPLES = 16  # samples a block probe replays per candidate (--awq-loss block)
 _BATCH = 8  # samples per block forward
 CACHE_FORMAT = "awqc-calibration/3"
 

@@ -275,15 +275,17 @@ class QualityRun:
 
     def _block_loss_weights(self, method: str, scheme: Any) -> tuple[dict[str, Any], float]:
         """AWQ with the block-output loss (calibrate.BlockProbe), as the compile runs it: block by
-        block, the calibration forward included in the time (it cannot come from a cache)."""
+        block, the calibration forward included in the time (it cannot come from a cache); the
+        probe on the settings' probe_samples, or calibrate.DEFAULT_PROBE_SAMPLES when they say 0."""
         from ..passes.quantizer import QuantizedWeights
         from .awq import _score_function, quantized_blocks
         from .build import QuantConfig
+        from .calibrate import DEFAULT_PROBE_SAMPLES
 
         key = (method, scheme)
         if key not in self._block:
             calibration = dataclasses.replace(self.s.calibration, cache=None,
-                                              probe_samples=self.s.calibration.probe_samples or 16)
+                                              probe_samples=self.s.calibration.probe_samples or DEFAULT_PROBE_SAMPLES)
             quant = QuantConfig(scheme, method, self.s.quantize_head, calibration)
             func, names = _score_function(self.model)
             t0 = time.perf_counter()
