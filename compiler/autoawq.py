@@ -251,8 +251,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         out["attention_bias"] = cfg.attention_bias
     if cfg.model_type == "mistral":  # Mistral slides in every layer whenever sliding_window is set
         out["sliding_window"] = cfg.sliding_window
-    elif cfg.sliding_window is not None:  # Qwen: which layers slide is not kept; calibration needs none
-        out.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0)
+    elif cfg.sliding_window is not None:  # Qwen: layer_types says which layers slide
+        out.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
+                   layer_types=["sliding_attention" if i in cfg.sliding_layers else "full_attention"
+                                for i in range(cfg.num_hidden_layers)])
     return out
 
 
@@ -265,9 +267,6 @@ def write_autoawq(out: str | Path, cfg: ModelConfig, qw: QuantizedWeights, token
     from safetensors.numpy import save_file
 
     _check_layout(cfg)
-    if cfg.sliding_window is not None and cfg.model_type != "mistral":
-        raise AutoAWQError(f"writing an AutoAWQ checkpoint of a {cfg.model_type} model with sliding-window layers is "
-                           "not supported: awqc does not keep which of its layers slide")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     g = qw.scheme.group_size

@@ -27,7 +27,7 @@ from awqc.runtime.sampling import generation_defaults
 from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
 from .calibrate import CalibrationSettings
-from .config import check_context_window
+from .config import ModelConfig
 from .model_import import ImportedModel, weight_parts
 from .models import family
 from .output import OutputError, check_output, install, make_staging_dir, staging_path
@@ -185,12 +185,18 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
                   lambda _func, _names: iter([(quant.quantized, quant.floats)]))
 
 
+def prefill_chunk(cfg: ModelConfig, context_window: int) -> int:
+    """Tokens per prefill call: at most 512, and no more than a sliding window, because the KV
+    cache's attention within a chunk is causal over the whole chunk (the window limits only what a
+    chunk sees of the cache), which is sliding-window attention only while the chunk fits it."""
+    return min(context_window, 512, cfg.sliding_window or 512)
+
+
 def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, context_window: int, force: bool,
            scheme: QuantScheme | None, method: str | None, shapes: dict[str, tuple[int, int]],
            parts: Callable[[Any, list[str]], Iterable[Part]]) -> Path:
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
-    check_context_window(model.config, context_window)
     check_output(out, force, [Path(model.source)])
     check_int8_activations(spec, scheme, dtype)
     backend = w4_backend(spec, scheme, shapes.values()) if scheme is not None else None
@@ -227,7 +233,7 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
             "dtype": dtype,
             "quantization": quantization_info(scheme, method, quantized, layout),
             "context_window": context_window,
-            "prefill_chunk": min(context_window, 512),
+            "prefill_chunk": prefill_chunk(model.config, context_window),
             "params": param_names,
             "tokenizer": tokenizer,
             # a Hugging Face directory's generation_config.json; a GGUF has none

@@ -235,6 +235,15 @@ class BlockProbe:
         return total / self.n_tokens
 
 
+def _window_mask(t: int, window: int, device: torch.device) -> torch.Tensor | None:
+    """[1, 1, t, t] boolean mask of sliding-window attention (position q sees k when
+    q - window < k <= q), or None where a sample fits the window and causal attention is the same."""
+    if t <= window:
+        return None
+    q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    return ((k <= q) & (k > q - window))[None, None].to(device)
+
+
 class BlockCalibrator:
     """The calibration samples' hidden states, advanced through the model one decoder block at a
     time; each step returns the statistics of that block's linear inputs."""
@@ -249,11 +258,6 @@ class BlockCalibrator:
         self._weight_map = family(model.config.model_type)
         self._hf, self._layer_cls, rotary_cls, self._norm_cls = _family(model.config)
         ids = np.asarray(samples, dtype=np.int64)
-        window = self.cfg.sliding_window
-        if window is not None and ids.shape[1] > window:  # the layers here attend over the whole sample
-            raise CalibrationError(
-                f"calibration samples of {ids.shape[1]} tokens are longer than the model's sliding attention "
-                f"window ({window} tokens), past which its artifact never runs: use --calib-seq-len {window} or less")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise CalibrationError(f"calibration token ids reach {ids.max()}, past the model's vocabulary of "
                                    f"{self.cfg.vocab_size}; the tokenizer does not belong to this model")
@@ -265,6 +269,7 @@ class BlockCalibrator:
         with torch.no_grad():
             rope = rotary_cls(self._hf)(self.hidden[:1], torch.arange(t)[None])
         self._rope = tuple(r.to(self.device) for r in rope)
+        self._window_mask = None if self.cfg.sliding_window is None else _window_mask(t, self.cfg.sliding_window, self.device)
         gen = torch.Generator().manual_seed(seed)
         self._rows = None
         if gram_tokens is not None and gram_tokens < t:
@@ -317,12 +322,14 @@ class BlockCalibrator:
                     lambda _m, args, kwargs, output, name=name: (
                         probe.record(name, args, kwargs, output) if current["start"] in kept else None),
                     with_kwargs=True))
+        # no mask: sdpa's causal attention
+        mask = self._window_mask if i in self.cfg.sliding_layers else None
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 for start, x, rows in self._batches():
                     current.update(start=start, rows=rows)
-                    out = layer(x.to(self.device), attention_mask=None, position_embeddings=self._rope)
+                    out = layer(x.to(self.device), attention_mask=mask, position_embeddings=self._rope)
                     x.copy_(out[0] if isinstance(out, tuple) else out)
         finally:
             for h in hooks:

@@ -132,10 +132,9 @@ DEFAULT_MAX_CONTEXT = 4096
 
 def context_window(requested: int | None, cfg: ModelConfig) -> int:
     """--context-window, or the model's own at most 4096; never more than the model was trained for
-    (the KV cache of a window the model cannot use only costs memory), nor than its sliding
-    attention window (the build refuses a longer one: config.check_context_window)."""
+    (the KV cache of a window the model cannot use only costs memory)."""
     if requested is None:
-        return min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT, cfg.sliding_window or DEFAULT_MAX_CONTEXT)
+        return min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     if requested > cfg.max_position_embeddings:
         raise ValueError(f"--context-window {requested} is longer than the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings}); use at most {cfg.max_position_embeddings}")

@@ -33,10 +33,10 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     model_type: str = "llama"
-    # Sliding-window attention's window, where it applies (None: full attention). awqc computes full
-    # attention, which is the same function while a sequence fits the window, so an artifact's
-    # context window is capped at it.
+    # Sliding-window attention: the window (None: every layer attends to the whole sequence) and the
+    # layers that use it (the others attend fully).
     sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
 
     @property
     def kv_dim(self) -> int:
@@ -49,12 +49,14 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        out["sliding_layers"] = list(self.sliding_layers)
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)
 
 
@@ -163,19 +165,31 @@ def _check_supported(hf: dict[str, Any]) -> str:
     return model_type
 
 
-def _attention_window(hf: dict[str, Any], model_type: str, max_positions: int) -> int | None:
-    """The sliding window where it narrows attention in some layer, else None. As transformers:
-    Qwen2 and Qwen3 slide only with use_sliding_window, Mistral whenever sliding_window is set."""
+def _attention_window(hf: dict[str, Any], model_type: str, layers: int,
+                      max_positions: int) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the layers that slide) where sliding-window attention narrows some layer, else
+    (None, ()). As transformers: `layer_types` where the config lists them; else Mistral slides in
+    every layer whenever sliding_window is set, Qwen2/Qwen3 with use_sliding_window in the layers
+    from max_window_layers on."""
     window = hf.get("sliding_window")
     if window is None:
-        return None
+        return None, ()
     _check_int("sliding_window", window, 0, 2**31)
     if not (window and _bool(hf, "use_sliding_window", model_type == "mistral") and window < max_positions):
-        return None
-    layer_types = hf.get("layer_types")  # Qwen's: which layers slide (those past max_window_layers)
-    if isinstance(layer_types, list) and "sliding_attention" not in layer_types:
-        return None
-    return window
+        return None, ()
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        kinds = ("full_attention", "sliding_attention")
+        if not (isinstance(layer_types, list) and len(layer_types) == layers and all(t in kinds for t in layer_types)):
+            raise _bad("layer_types", layer_types, f"a list of {layers} entries (one per layer), each "
+                       f"{' or '.join(map(repr, kinds))}")
+        sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    elif model_type == "mistral":
+        sliding = tuple(range(layers))
+    else:
+        first = _int(hf, "max_window_layers", 0, MAX_LAYERS, default=28)  # transformers' Qwen2 default
+        sliding = tuple(range(first, layers))
+    return (window, sliding) if sliding else (None, ())
 
 
 # ------------------------------------------------------------------------------- RoPE
@@ -330,7 +344,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         if head_dim % 2:  # RoPE rotates pairs of dimensions
             raise _bad("head_dim", head_dim, f"an even integer from 2 to {MAX_HEAD_DIM} (RoPE rotates pairs)")
     max_positions = _int(hf, "max_position_embeddings", 1, MAX_POSITIONS, default=2048)
-    window = _attention_window(hf, model_type, max_positions)
+    window, sliding = _attention_window(hf, model_type, layers, max_positions)
     _check_full_rotary(hf)
     theta, scaling = _rope(hf)
     bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
@@ -355,18 +369,8 @@ def config_from_hf(hf: Any) -> ModelConfig:
         eos_token_ids=_token_ids(hf, "eos_token_id", vocab, allow_list=True),
         model_type=model_type,
         sliding_window=window,
+        sliding_layers=sliding,
     )
-
-
-def check_context_window(cfg: ModelConfig, context_window: int) -> None:
-    """Refuse a context window past the model's sliding attention window: awqc's kernels compute
-    full attention, the same function only while a sequence fits in the window."""
-    w = cfg.sliding_window
-    if w is not None and context_window > w:
-        raise UnsupportedModelError(
-            f"a context window of {context_window} tokens is longer than the model's sliding attention window "
-            f"({w} tokens); awqc computes full attention, which equals sliding-window attention only within the "
-            f"window: use --context-window {w} or less")
 
 
 def check_vocab(cfg: ModelConfig, n_tokens: int, source: str) -> None:

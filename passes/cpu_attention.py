@@ -28,6 +28,8 @@ from tvm.script import tirx as T
 
 RAGGED_PREFILL = "batch_prefill_ragged_kv"
 DECODE_PAGED = "batch_decode_paged_kv_cpu"
+PREFILL_PAGED_WINDOW = "batch_prefill_paged_kv_cpu_sliding_window"
+DECODE_PAGED_WINDOW = "batch_decode_paged_kv_cpu_sliding_window"
 FUSED_ROPE = "fused_rope"
 _LOG2E = math.log2(math.e)
 _MASKED = -5e4  # the value TVM's kernels give masked scores (exp2 of it is 0)
@@ -252,6 +254,163 @@ def decode_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "
     return batch_decode_paged_kv
 
 
+def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, decode: bool,
+                     dtype: str = "float32"):
+    """Sliding-window attention of new tokens over the paged cache, for the KV cache's
+    "mha_sliding" layers: `decode` gives the kernel of TVM's `batch_decode_paged_kv_cpu_sliding_window`
+    signature, else that of `batch_prefill_paged_kv_cpu_sliding_window` (the part of a prefill
+    chunk's attention that reads the cache).
+
+    The cache hands these kernels only the pages of the last `window` positions, starting
+    `length_info[1]` tokens into the first page at position `k_rope_pos_offset`. A key is visible to
+    a query when query position - window < key position <= query position, checked on absolute
+    positions (TVM's CPU prefill kernel reads an uninitialized running maximum when a query's first
+    key is masked, which with window-sized chunks gave NaN). Tasks (token, kv head) run in parallel,
+    each as `decode_paged_cpu`'s: scores of the g query heads against a transposed page with vector
+    FMAs, an online softmax once per page. Attention sinks (`length_info[2]`) are not used by awqc."""
+    g = h_q // h_kv
+
+    @T.macro
+    def attend(q, t, b, hk, qpos, pages, page_indptr, page_values, length_info, k_rope_pos_offset,
+               output, lse, sm_scale):
+        with T.sblock("attn"):
+            T.reads()
+            T.writes()
+            kt_buf = T.sblock_alloc_buffer((d, page_size), "float32")
+            s = T.sblock_alloc_buffer((g, page_size), "float32")
+            acc = T.sblock_alloc_buffer((g, d), "float32")
+            m = T.sblock_alloc_buffer((g,), "float32")
+            l_sum = T.sblock_alloc_buffer((g,), "float32")
+            tmp = T.sblock_alloc_buffer((2,), "float32")
+            p_begin: T.let[T.int32] = page_indptr[b]
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+            offset: T.let[T.int32] = length_info[1, b]
+            for r in T.serial(g):
+                m[r] = T.float32(_MASKED)
+                l_sum[r] = T.float32(0)
+                for i in T.vectorized(d):
+                    acc[r, i] = T.float32(0)
+            for pi in T.serial(n_pages):
+                page: T.let[T.int32] = page_values[p_begin + pi]
+                lo: T.let[T.int32] = T.if_then_else(pi == 0, offset, 0)
+                hi: T.let[T.int32] = T.if_then_else(pi == n_pages - 1, length_info[0, b], page_size)
+                base: T.let[T.int32] = k_rope_pos_offset[b] + pi * page_size - offset  # position of slot 0
+                for j in T.serial(page_size):
+                    for i in T.serial(d):
+                        kt_buf[i, j] = T.Cast("float32", pages[page, 0, hk, j, i])
+                for r in T.serial(g):
+                    for j in T.vectorized(page_size):
+                        s[r, j] = T.float32(0)
+                    for i in T.serial(d):
+                        for j in T.vectorized(page_size):
+                            s[r, j] = s[r, j] + T.Cast("float32", q[t, hk * g + r, i]) * kt_buf[i, j]
+                    for j in T.vectorized(page_size):
+                        s[r, j] = T.if_then_else(
+                            (j >= lo) & (j < hi) & (base + j > qpos - window) & (base + j <= qpos),
+                            s[r, j] * sm_scale * T.float32(_LOG2E), T.float32(_MASKED))
+                    tmp[0] = m[r]
+                    for j in T.serial(page_size):
+                        tmp[0] = T.max(tmp[0], s[r, j])
+                    tmp[1] = _exp2(m[r] - tmp[0])
+                    l_sum[r] = l_sum[r] * tmp[1]
+                    for i in T.vectorized(d):
+                        acc[r, i] = acc[r, i] * tmp[1]
+                    m[r] = tmp[0]
+                    for j in T.vectorized(page_size):
+                        s[r, j] = T.if_then_else(s[r, j] > T.float32(_MASKED), _exp2(s[r, j] - tmp[0]), T.float32(0))
+                    for j in T.serial(page_size):
+                        l_sum[r] = l_sum[r] + s[r, j]
+                    for j in T.serial(hi - lo):  # slots outside [lo, hi) may hold no value yet
+                        for i in T.vectorized(d):
+                            acc[r, i] = acc[r, i] + s[r, lo + j] * T.Cast("float32", pages[page, 1, hk, lo + j, i])
+            for r in T.serial(g):
+                for i in T.vectorized(d):
+                    output[t, hk * g + r, i] = T.Cast(
+                        dtype, T.if_then_else(l_sum[r] > 0, acc[r, i] / l_sum[r], T.float32(0)))
+                lse[t, hk * g + r] = T.if_then_else(l_sum[r] > 0, m[r] + T.log2(l_sum[r]), T.float32(_MASKED))
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv_sliding_window(
+        var_q: T.handle, var_pages: T.handle, var_page_indptr: T.handle, var_page_values: T.handle,
+        var_length_info: T.handle, var_k_rope_pos_offset: T.handle, var_q_rope_position: T.handle,
+        var_output: T.handle, var_lse: T.handle,
+        rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        length_info = T.match_buffer(var_length_info, (3, batch_size), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                                           elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (batch_size,), "int32",
+                                         elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+
+        assert rotary_mode == 0, "awqc's CPU sliding-window attention expects RoPE applied before attention"
+        for task in T.parallel(batch_size * h_kv):
+            attend(q, task // h_kv, task // h_kv, task % h_kv, q_rope_position[task // h_kv], pages, page_indptr,
+                   page_values, length_info, k_rope_pos_offset, output, lse, sm_scale)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_sliding_window(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_elem_offset = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        length_info = T.match_buffer(var_length_info, (3, batch_size), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",
+                                           elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32",
+                                         elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+
+        assert rotary_mode == 0, "awqc's CPU sliding-window attention expects RoPE applied before attention"
+        for task in T.parallel(total_len * h_kv):
+            with T.sblock("seq"):
+                T.reads()
+                T.writes()
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                seq[0] = 0
+                for i in T.serial(batch_size):  # the sequence whose tokens include this one
+                    if q_indptr[i + 1] <= task // h_kv:
+                        seq[0] = i + 1
+                attend(q, task // h_kv, seq[0], task % h_kv, q_rope_position[task // h_kv], pages, page_indptr,
+                       page_values, length_info, k_rope_pos_offset, output, lse, sm_scale)
+
+    return batch_decode_paged_kv_sliding_window if decode else batch_prefill_paged_kv_sliding_window
+
+
 def rope_cpu(theta: float, scale: float, head_dim: int, h_q: int, h_kv: int, dtype: str,
              rope_scaling: dict, rotary_dim: int):
     """The KV cache's q/k/v split + RoPE kernel (same signature as TVM's `fused_rope`), with the
@@ -349,6 +508,19 @@ def use_cpu_attention_kernels(mod: tvm.IRModule, target: tvm.target.Target | Non
         (_, h_q, d), (_, _, h_kv, page, d_kv) = _shape_of(old, 0), _shape_of(old, 1)
         if int(h_q) % int(h_kv) == 0 and int(d_kv) == int(d):
             mod = _swap(mod, gv, decode_paged_cpu(int(h_kv), int(h_q), int(d), int(page), str(old.params[0].dtype)))
+    return mod
+
+
+def use_cpu_sliding_window(mod: tvm.IRModule, window: int) -> tvm.IRModule:
+    """Replace the KV cache's CPU kernels for "mha_sliding" layers (where the module has them) with
+    `paged_window_cpu` for a window of `window` positions."""
+    for name, n_params, decode in ((PREFILL_PAGED_WINDOW, 15, False), (DECODE_PAGED_WINDOW, 13, True)):
+        gv = _kernel(mod, name, n_params)
+        if gv is not None:  # q [tokens, h_q, d], pages [pages, 2, h_kv, page_size, d]
+            old = mod[gv]
+            (_, h_q, d), (_, _, h_kv, page, _) = _shape_of(old, 0), _shape_of(old, 1 if decode else 2)
+            mod = _swap(mod, gv, paged_window_cpu(int(h_kv), int(h_q), int(d), int(page), window, decode,
+                                                  str(old.params[0].dtype)))
     return mod
 
 

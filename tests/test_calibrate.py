@@ -53,6 +53,15 @@ def test_statistics_match_transformers(tiny_ckpt: Path, tiny_stats: CalibrationS
         torch.testing.assert_close(s.gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
+def test_statistics_past_a_sliding_window_match_transformers(tmp_path: Path) -> None:
+    """Samples longer than Mistral's window: each block attends within it, as transformers does."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=4, model_type="mistral", sliding_window=20)
+    stats = calibrate(load_model(str(ckpt)), SAMPLES, gram_tokens=None, progress=False)
+    for name, x in _hf_linear_inputs(ckpt, SAMPLES).items():
+        torch.testing.assert_close(stats.of(name).abs_mean, x.abs().mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.of(name).gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+
 def test_gram_subsampling(tiny_ckpt: Path) -> None:
     """With gram_tokens, the Gram is exactly that of the rows the calibrator drew from each sample."""
     model = load_model(str(tiny_ckpt))

@@ -58,55 +58,31 @@ def test_chunked_prefill_equals_one_chunk(tiny_artifact: Path) -> None:
     assert rel_err(engine.score(ids), whole) < 1e-5
 
 
-SLIDING_WINDOW = 48
+SLIDING_WINDOW = 20  # past a 16-token page, so the window starts mid-page
 
 
-@pytest.fixture(scope="module")
-def sliding_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Mistral with a sliding window shorter than its 256 positions."""
-    return make_checkpoint(tmp_path_factory.mktemp("sliding") / "ckpt", seed=9, model_type="mistral",
-                           sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
-
-
-def test_sliding_window_model_matches_transformers_up_to_its_window(sliding_ckpt: Path, tmp_path: Path) -> None:
-    """awqc computes full attention and caps the context at the window: by default the artifact's
-    window is the model's, and over a whole window of tokens (prompt + decode steps) its logits are
-    transformers' (whose mask keeps kv positions within the window of each query)."""
+@pytest.mark.parametrize("model_type,overrides", [
+    ("mistral", {}),  # every layer slides
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=1)),  # layer 0 full, layer 1 sliding
+])
+def test_sliding_window_attention_matches_transformers_past_its_window(
+        model_type: str, overrides: dict, tmp_path: Path) -> None:
+    """A prompt of several windows (prefilled in window-sized chunks) and decode steps past it: the
+    logits are transformers', whose mask keeps each query's keys within its window."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=9, model_type=model_type, sliding_window=SLIDING_WINDOW,
+                           tie_word_embeddings=False, **overrides)
     out = tmp_path / "art"
-    assert main(["compile", "--model", str(sliding_ckpt), "--target", "host", "-o", str(out)]) == 0
+    assert main(["compile", "--model", str(ckpt), "--target", "host", "-o", str(out), "--context-window", "128"]) == 0
     engine = Engine(out)
-    assert engine.context_window == SLIDING_WINDOW
-    ids = list(np.random.RandomState(2).randint(3, 300, size=SLIDING_WINDOW - 6))
-    ref_prompt, ref_steps, ref_tokens = hf_logits(sliding_ckpt, ids, n_decode=6)
+    assert engine.prefill_chunk == SLIDING_WINDOW
+    ids = list(np.random.RandomState(2).randint(3, 300, size=3 * SLIDING_WINDOW + 7))
+    ref_prompt, ref_steps, ref_tokens = hf_logits(ckpt, ids, n_decode=30)
     assert rel_err(engine.score(ids), ref_prompt) < 1e-4
     engine.reset()
     logits = engine.prefill(ids)
-    for step in range(6):
+    assert rel_err(logits, ref_prompt[-1]) < 1e-4
+    for step in range(30):
         token = int(logits.argmax())
         assert token == ref_tokens[step]
         logits = engine.decode(token)
         assert rel_err(logits, ref_steps[step]) < 1e-4
-
-
-def test_context_past_the_sliding_window_is_refused(sliding_ckpt: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "art"
-    assert main(["compile", "--model", str(sliding_ckpt), "--target", "host", "-o", str(out),
-                 "--context-window", str(SLIDING_WINDOW + 1)]) == 2
-    err = capsys.readouterr().err
-    assert f"sliding attention window ({SLIDING_WINDOW} tokens)" in err
-    assert f"use --context-window {SLIDING_WINDOW} or less" in err
-    assert not out.exists()
-    with pytest.raises(ValueError, match="longer than the model's sliding attention window"):
-        write_artifact(out, load_model(str(sliding_ckpt)), get_target("host"), "float32", SLIDING_WINDOW + 1)
-    assert not out.exists()
-
-
-def test_calibration_past_the_sliding_window_is_refused(sliding_ckpt: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "art"
-    assert main(["compile", "--model", str(sliding_ckpt), "--target", "host", "-o", str(out), "--quant",
-                 "awq-w4g32", "--calib-seq-len", str(SLIDING_WINDOW + 2), "--calib-samples", "2"]) == 2
-    err = capsys.readouterr().err
-    assert f"use --calib-seq-len {SLIDING_WINDOW} or less" in err, err
-    assert not out.exists()

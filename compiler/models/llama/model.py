@@ -15,7 +15,7 @@ from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from awqc.passes.cpu_attention import use_cpu_rope
+from awqc.passes.cpu_attention import use_cpu_rope, use_cpu_sliding_window
 
 from awqc.compiler.config import ModelConfig
 
@@ -118,15 +118,26 @@ class LlamaForCausalLM(nn.Module):
                                   prefill_chunk_size: tirx.Var, page_size: tirx.Var) -> PagedKVCache:
         c = self.cfg
         rope_scale, rope_scaling = _tvm_rope(c.rope_scaling)
+        kinds = attention_kinds(c)
         return TIRPagedKVCache(
-            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            attn_kind=kinds if c.sliding_layers else "mha", layer_sliding_window_size=c.sliding_window or 1,
+            max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=0,
-            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
+            layer_partition=relax.ShapeExpr([0, len(kinds)]), num_hidden_layers=len(kinds),
             num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
             qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=rope_scale,
             rope_theta=c.rope_theta, rope_scaling=rope_scaling, rope_ext_factors=relax.prim_value(0),
             rotary_dim=c.head_dim, enable_disaggregation=False, dtype=self.dtype, target=self.target)
+
+
+def attention_kinds(cfg: ModelConfig) -> list[str]:
+    """The KV cache's attention kind per layer: "mha_sliding" layers see only the last
+    sliding_window positions of the cache. TVM 0.27's cache allocates the staging buffers of its
+    fused-qkv attention only when some layer is "mha", so a model whose every layer slides (Mistral)
+    gets one extra full-attention layer that no forward pass uses (one layer's KV pages of memory)."""
+    kinds = ["mha_sliding" if i in cfg.sliding_layers else "mha" for i in range(cfg.num_hidden_layers)]
+    return kinds if "mha" in kinds else kinds + ["mha"]
 
 
 def _tvm_rope(scaling: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -168,4 +179,6 @@ def export(model: LlamaForCausalLM) -> tuple[Any, list[tuple[str, Any]]]:
     mod, params = model.export_tvm(spec=export_spec())
     if target.kind.name == "llvm":  # the KV cache's RoPE kernel needs the model's RoPE parameters
         mod = use_cpu_rope(mod, cfg.rope_theta, *_tvm_rope(cfg.rope_scaling))
+        if cfg.sliding_layers:
+            mod = use_cpu_sliding_window(mod, cfg.sliding_window)
     return mod, params
