@@ -249,12 +249,27 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.model_type in ("llama", "qwen3"):  # Qwen2's q/k/v biases are implied by its type
         out["attention_bias"] = cfg.attention_bias
+    if cfg.model_type == "gemma3_text":
+        return _gemma3_hf_config(cfg, out)
     if cfg.model_type == "mistral":  # Mistral slides in every layer whenever sliding_window is set
         out["sliding_window"] = cfg.sliding_window
     elif cfg.sliding_window is not None:  # Qwen: layer_types says which layers slide
         out.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
                    layer_types=["sliding_attention" if i in cfg.sliding_layers else "full_attention"
                                 for i in range(cfg.num_hidden_layers)])
+    return out
+
+
+def _gemma3_hf_config(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """hf_config's Gemma 3 fields, as transformers 5 writes Gemma3TextConfig."""
+    del out["hidden_act"], out["rope_theta"], out["rope_scaling"]
+    kinds = ["sliding_attention" if i in cfg.sliding_layers else "full_attention" for i in range(cfg.num_hidden_layers)]
+    full = {"rope_type": "default", **cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.attention_bias,
+               query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
+               layer_types=kinds, rope_parameters={"full_attention": full, "sliding_attention": local},
+               attn_logit_softcapping=None, final_logit_softcapping=None)
     return out
 
 

@@ -134,6 +134,7 @@ def _family(cfg: ModelConfig):
     """transformers' config, decoder-layer, rotary-embedding and RMSNorm classes of the model's family."""
     import importlib
 
+    import transformers
     from transformers import AutoConfig
 
     from .autoawq import hf_config
@@ -141,8 +142,9 @@ def _family(cfg: ModelConfig):
     hf = hf_config(cfg)
     config = AutoConfig.for_model(**hf)
     config._attn_implementation = "sdpa"  # causal when no mask is given
-    prefix = hf["architectures"][0].removesuffix("ForCausalLM")
-    module = importlib.import_module(f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}")
+    arch = hf["architectures"][0]
+    prefix = arch.removesuffix("ForCausalLM")
+    module = importlib.import_module(getattr(transformers, arch).__module__)
     return (config, getattr(module, f"{prefix}DecoderLayer"), getattr(module, f"{prefix}RotaryEmbedding"),
             getattr(module, f"{prefix}RMSNorm"))
 
@@ -235,6 +237,9 @@ class BlockProbe:
         return total / self.n_tokens
 
 
+_LAYER_TYPES = ("sliding_attention", "full_attention")  # transformers' layer_types
+
+
 def _window_mask(t: int, window: int, device: torch.device) -> torch.Tensor | None:
     """[1, 1, t, t] boolean mask of sliding-window attention (position q sees k when
     q - window < k <= q), or None where a sample fits the window and causal attention is the same."""
@@ -266,9 +271,11 @@ class BlockCalibrator:
         # The hidden states stay in host memory; each batch visits the device (a 7B model's
         # 128 samples are 1 GiB of them).
         self.device = torch.device(device)
-        with torch.no_grad():
-            rope = rotary_cls(self._hf)(self.hidden[:1], torch.arange(t)[None])
-        self._rope = tuple(r.to(self.device) for r in rope)
+        rotary, positions = rotary_cls(self._hf), torch.arange(t)[None]
+        with torch.no_grad():  # cos/sin per layer type where they differ (Gemma 3's RoPE bases)
+            ropes = ({None: rotary(self.hidden[:1], positions)} if self.cfg.rope_local_theta is None else
+                     {kind: rotary(self.hidden[:1], positions, kind) for kind in _LAYER_TYPES})
+        self._rope = {kind: tuple(r.to(self.device) for r in rope) for kind, rope in ropes.items()}
         self._window_mask = None if self.cfg.sliding_window is None else _window_mask(t, self.cfg.sliding_window, self.device)
         gen = torch.Generator().manual_seed(seed)
         self._rows = None
@@ -323,13 +330,15 @@ class BlockCalibrator:
                         probe.record(name, args, kwargs, output) if current["start"] in kept else None),
                     with_kwargs=True))
         # no mask: sdpa's causal attention
-        mask = self._window_mask if i in self.cfg.sliding_layers else None
+        sliding = i in self.cfg.sliding_layers
+        mask = self._window_mask if sliding else None
+        rope = self._rope[None if self.cfg.rope_local_theta is None else _LAYER_TYPES[not sliding]]
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 for start, x, rows in self._batches():
                     current.update(start=start, rows=rows)
-                    out = layer(x.to(self.device), attention_mask=mask, position_embeddings=self._rope)
+                    out = layer(x.to(self.device), attention_mask=mask, position_embeddings=rope)
                     x.copy_(out[0] if isinstance(out, tuple) else out)
         finally:
             for h in hooks:

@@ -98,6 +98,8 @@ class GGUFCheckpoint:
         self._path = path
         self._permute = arch == "llama"  # llama.cpp's converter permutes q/k rows only for this arch
         self._heads = {"q_proj": n_heads, "k_proj": n_kv_heads}
+        # llama.cpp's converter stores Gemma 3's norm weights w (applied as 1 + w) as 1 + w
+        self._norm_shift = 1.0 if arch == "gemma3" else 0.0
         self._tensors = {}
         for hf in hf_names:
             stored = name_map.get_name(f"model.{hf}" if not hf.startswith("lm_head") else hf,
@@ -122,6 +124,8 @@ class GGUFCheckpoint:
         proj = name.split(".")[-2]
         if self._permute and proj in self._heads:
             w = _unpermute_rope_rows(w, self._heads[proj])
+        if self._norm_shift and name.endswith("norm.weight"):
+            w = w - np.float32(self._norm_shift)
         w = np.ascontiguousarray(w)
         return w if w.flags.writeable else w.copy()  # F32 tensors are views of the read-only file map
 

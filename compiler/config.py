@@ -37,6 +37,18 @@ class ModelConfig:
     # layers that use it (the others attend fully).
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()
+    # Gemma 3: attention logits scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5),
+    # and the RoPE base of the sliding layers (None: rope_theta in every layer).
+    query_pre_attn_scalar: int | None = None
+    rope_local_theta: float | None = None
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_rope_theta(self, layer: int) -> float:
+        local = self.rope_local_theta is not None and layer in self.sliding_layers
+        return self.rope_local_theta if local else self.rope_theta
 
     @property
     def kv_dim(self) -> int:
@@ -157,12 +169,42 @@ def _check_supported(hf: dict[str, Any]) -> str:
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model_type {_show(model_type)} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedModelError(f"hidden_act {_show(act)} is not supported; the Llama family uses 'silu'")
+    if model_type == "gemma3_text":
+        _check_gemma3(hf)
+    else:
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"hidden_act {_show(act)} is not supported; the Llama family uses 'silu'")
     if _bool(hf, "mlp_bias", False):
         raise UnsupportedModelError("mlp_bias=true is not supported; supported: MLPs without bias")
     return model_type
+
+
+def _check_gemma3(hf: dict[str, Any]) -> None:
+    """The Gemma 3 options awqc computes: tanh GELU, causal attention, no logit soft-capping."""
+    act = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"hidden_activation {_show(act)} is not supported; Gemma 3 uses 'gelu_pytorch_tanh'")
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(field) is not None:
+            raise UnsupportedModelError(
+                f"config.json field {field!r} is {_show(hf[field])}: logit soft-capping (Gemma 2) is not supported; "
+                "supported: null")
+    if _bool(hf, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("use_bidirectional_attention=true is not supported; supported: causal attention")
+
+
+GEMMA3_WINDOW = 4096  # transformers' Gemma3TextConfig defaults
+GEMMA3_PATTERN = 6
+
+
+def _gemma3_layer_types(hf: dict[str, Any], layers: int) -> list[str]:
+    """layer_types as Gemma3TextConfig derives them when absent: every sliding_window_pattern-th
+    layer attends fully, the others slide."""
+    if hf.get("layer_types") is not None:
+        return hf["layer_types"]
+    pattern = _int(hf, "sliding_window_pattern", 1, MAX_LAYERS, default=GEMMA3_PATTERN)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
 
 
 def _attention_window(hf: dict[str, Any], model_type: str, layers: int,
@@ -171,13 +213,17 @@ def _attention_window(hf: dict[str, Any], model_type: str, layers: int,
     (None, ()). As transformers: `layer_types` where the config lists them; else Mistral slides in
     every layer whenever sliding_window is set, Qwen2/Qwen3 with use_sliding_window in the layers
     from max_window_layers on."""
-    window = hf.get("sliding_window")
+    gemma = model_type == "gemma3_text"
+    window = hf.get("sliding_window", GEMMA3_WINDOW if gemma else None)
     if window is None:
         return None, ()
     _check_int("sliding_window", window, 0, 2**31)
-    if not (window and _bool(hf, "use_sliding_window", model_type == "mistral") and window < max_positions):
+    # Gemma 3 always slides in its sliding layers, whose RoPE base also differs (so they are kept
+    # even when the window spans the whole context).
+    default_on = model_type in ("mistral", "gemma3_text")
+    if not (window and _bool(hf, "use_sliding_window", default_on) and (gemma or window < max_positions)):
         return None, ()
-    layer_types = hf.get("layer_types")
+    layer_types = _gemma3_layer_types(hf, layers) if gemma else hf.get("layer_types")
     if layer_types is not None:
         kinds = ("full_attention", "sliding_attention")
         if not (isinstance(layer_types, list) and len(layer_types) == layers and all(t in kinds for t in layer_types)):
@@ -309,6 +355,35 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     return theta, out
 
 
+GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
+
+
+def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any], float]:
+    """(theta and scaling of the full-attention layers, theta of the sliding layers), resolved as
+    Gemma3TextConfig.convert_rope_params_to_dict does: rope_parameters keyed by layer type, else
+    the legacy rope_theta, rope_scaling (full layers) and rope_local_base_freq (sliding layers)."""
+    params = hf.get("rope_parameters") or {}
+    kinds = set(GEMMA3_THETA)
+    if not (isinstance(params, dict) and set(params) <= kinds and all(isinstance(v, dict) for v in params.values())):
+        raise _bad("rope_parameters", params, "RoPE parameters keyed by layer type, such as "
+                   "{\"sliding_attention\": {...}, \"full_attention\": {...}}")
+    full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    scaling = _rope_dict(hf, "rope_scaling")
+    if scaling is not None:
+        full.update(scaling)
+    full.setdefault("rope_theta", hf.get("rope_theta", GEMMA3_THETA["full_attention"]))
+    theta, full_scaling = _rope({"rope_parameters": full})
+    if full_scaling.get("rope_type", "linear") != "linear":
+        raise UnsupportedModelError(f"Gemma 3 RoPE scaling {full_scaling['rope_type']!r} is not supported; "
+                                    "supported: default, linear")
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", GEMMA3_THETA["sliding_attention"]))
+    local_theta, local_scaling = _rope({"rope_parameters": local})
+    if local_scaling:
+        raise UnsupportedModelError(f"RoPE scaling of Gemma 3's sliding layers ({local_scaling['rope_type']!r}) "
+                                    "is not supported; supported: default")
+    return theta, full_scaling, local_theta
+
+
 # ------------------------------------------------------------------------------- public
 def config_from_hf(hf: Any) -> ModelConfig:
     """Build a ModelConfig from a Hugging Face config.json (parsed JSON, untrusted), refusing with an
@@ -346,7 +421,11 @@ def config_from_hf(hf: Any) -> ModelConfig:
     max_positions = _int(hf, "max_position_embeddings", 1, MAX_POSITIONS, default=2048)
     window, sliding = _attention_window(hf, model_type, layers, max_positions)
     _check_full_rotary(hf)
-    theta, scaling = _rope(hf)
+    gemma = model_type == "gemma3_text"
+    if gemma:
+        theta, scaling, local_theta = _gemma3_rope(hf)
+    else:
+        (theta, scaling), local_theta = _rope(hf), None
     bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
     attention_bias = _bool(hf, "attention_bias", False)
     return ModelConfig(
@@ -370,6 +449,8 @@ def config_from_hf(hf: Any) -> ModelConfig:
         model_type=model_type,
         sliding_window=window,
         sliding_layers=sliding,
+        query_pre_attn_scalar=_int(hf, "query_pre_attn_scalar", 1, 2**20, default=256) if gemma else None,
+        rope_local_theta=local_theta if sliding else None,
     )
 
 

@@ -29,7 +29,8 @@ paper's s = s_x^α) α = 0 is round-to-nearest, so those scales never do worse t
 calibration data; with duo, as in AutoAWQ, only the grid is compared.
 
 **Apply.** Consumer columns × s, producer ÷ s (norm weight and bias, or the producer linear's output
-rows and their bias entries). In float the model's output is unchanged.
+rows and their bias entries; a norm that scales by `w + c`, as Gemma's `1 + w`, gets
+w' = (w + c) / s − c). In float the model's output is unchanged.
 
 Differences from the reference (llm-awq `auto_scale.py`, AutoAWQ `_search_best_scale`), which
 measures each group's loss by running a module on cached activations:
@@ -63,9 +64,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
+import tvm
 from tvm import relax
 
-from .dataflow import Graph, Linear, op_name, operands, static_shape
+from .dataflow import ADD, Graph, Linear, op_name, operands, static_shape
 from .quantizer import QuantScheme, group_params
 
 T = TypeVar("T")
@@ -315,6 +317,7 @@ class ScalingGroup:
     extra: tuple[str, ...]  # scaled with the producer: the linear's bias, the layer norm's bias
     channels: np.ndarray  # producer output channels scaled together (norm entries / weight rows)
     consumers: list[Consumer]
+    offset: float = 0.0  # a norm that scales by (offset + w), as Gemma's (1 + w)
 
     def describe(self) -> str:
         return (f"{self.producer} [{len(self.channels)} ch] -> "
@@ -328,6 +331,7 @@ class Producer:
     extra: tuple[str, ...]
     output: relax.Var
     n_channels: int
+    offset: float = 0.0
 
 
 def find_producers(graph: Graph) -> list[Producer]:
@@ -348,16 +352,31 @@ def find_producers(graph: Graph) -> list[Producer]:
     return out
 
 
+def _offset_param(graph: Graph, gamma: relax.Expr) -> tuple[relax.Expr, float]:
+    """(w, c) when the norm's weight is `w + c` for a scalar constant c (Gemma's 1 + w) computed
+    for this norm alone, else (gamma, 0)."""
+    value = graph.value.get(gamma) if isinstance(gamma, relax.Var) else None
+    if op_name(value) != ADD or len(graph.users(gamma)) != 1 or gamma in graph.returned:
+        return gamma, 0.0
+    w, c = value.args
+    if isinstance(w, tvm.ir.expr.Constant):
+        w, c = c, w
+    if not isinstance(c, tvm.ir.expr.Constant) or c.value.numpy().size != 1 or graph.param(w) is None:
+        return gamma, 0.0
+    return w, float(c.value.numpy().reshape(()))
+
+
 def _norm_producer(graph: Graph, var: relax.Var, value: relax.Call) -> Producer | None:
     x, gamma = value.args[0], value.args[1]
     beta = value.args[2] if op_name(value) == "relax.nn.layer_norm" else None
     shape, gshape = static_shape(x), static_shape(gamma)
     axes = _ints(value.attrs.axes)
+    gamma, offset = _offset_param(graph, gamma)
     params = [graph.param(gamma)] + ([graph.param(beta)] if beta is not None else [])
     if (shape is None or gshape is None or axes is None or len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1
             or any(p is None or graph.param_uses(p) != 1 for p in params) or _features(var) != tuple(gshape)):
         return None
-    return Producer(params[0], "norm", tuple(params[1:]), var, gshape[0])
+    return Producer(params[0], "norm", tuple(params[1:]), var, gshape[0], offset)
 
 
 def trace(graph: Graph, producer: Producer) -> Trace:
@@ -384,7 +403,7 @@ def find_scaling_groups(func: relax.Function, param_names: Sequence[str]) -> lis
             mapped = np.where(cols >= 0, pos[np.maximum(cols, 0)], -1)
             if (mapped >= 0).any():
                 consumers.append(Consumer(weight, mapped))
-        groups.append(ScalingGroup(p.weight, p.kind, p.extra, channels, consumers))
+        groups.append(ScalingGroup(p.weight, p.kind, p.extra, channels, consumers, p.offset))
     return groups
 
 
@@ -688,7 +707,8 @@ def apply_scales(weights: Mapping[str, torch.Tensor], groups: Sequence[ScalingGr
         ch = torch.from_numpy(g.channels)
         for name in (g.producer, *g.extra):
             t = edit(name)  # norm weight/bias [C], or linear weight rows [N, K] / bias [N]
-            t[ch] = t[ch] / (r.scales if t.dim() == 1 else r.scales[:, None])
+            offset = g.offset if name == g.producer else 0.0  # (offset + w) / s = offset + w'
+            t[ch] = (t[ch] + offset) / (r.scales if t.dim() == 1 else r.scales[:, None]) - offset
         for c in g.consumers:
             w = edit(c.weight)
             w.mul_(_column_scales(r.scales, c.columns)[None, :])

@@ -121,6 +121,8 @@ def test_eval_reads_an_autoawq_checkpoint(exported: Path, model, tmp_path: Path,
 @pytest.mark.parametrize("model_type,kw", [
     ("llama", dict(attention_bias=True)), ("mistral", dict(sliding_window=48)), ("qwen2", {}),
     ("qwen3", dict(head_dim=24)), ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    ("gemma3_text", dict(head_dim=32, sliding_window=48, query_pre_attn_scalar=24, rope_scaling={
+        "rope_type": "linear", "factor": 4.0}, rope_local_base_freq=20000.0)),
 ])
 def test_config_json_round_trips(model_type: str, kw: dict) -> None:
     """The config.json written beside AutoAWQ weights (and given to transformers' layers in

@@ -112,8 +112,8 @@ def test_streaming_writer_refuses_incomplete(tmp_path: Path) -> None:
 
 def _gguf_of(model, arch: str, out: Path) -> Path:
     """A float32 GGUF of a transformers model as llama.cpp's converter lays one out for `arch`
-    (tensor names from gguf's map, no q/k permutation outside llama), with the default model's
-    tokenizer (the model's vocab_size must be its 49152)."""
+    (tensor names from gguf's map, no q/k permutation outside llama, Gemma 3's norm weights stored
+    as 1 + w), with the default model's tokenizer (the model's vocab_size must be its 49152)."""
     import gguf
 
     cfg = model.config
@@ -129,7 +129,10 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else rope["rope_theta"])
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
     w.add_vocab_size(cfg.vocab_size)
     for field in default.fields.values():  # the tokenizer, as the default GGUF carries it
         if field.name.startswith("tokenizer.ggml."):
@@ -142,7 +145,8 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+        shift = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy() + shift)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -150,29 +154,38 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gemma3_text"])
 def test_gguf_of_another_family_reads_as_its_checkpoint(tmp_path: Path, model_type: str) -> None:
-    """Qwen3 (per-head q/k norms) and Phi-3 (q/k/v and gate/up fused in the file) from a GGUF laid
-    out as llama.cpp's converter does: awqc's config and weights equal the transformers model's."""
+    """Qwen3 (per-head q/k norms), Phi-3 (q/k/v and gate/up fused in the file) and Gemma 3 (norms
+    stored as 1 + w) from a GGUF laid out as llama.cpp's converter does: awqc's config and weights
+    equal the transformers model's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    tied = model_type != "phi3"
     kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=model_type == "qwen3")
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)
+    if model_type == "gemma3_text":
+        # transformers' Gemma tokenizer converter adds a token to the GGUF's vocabulary
+        kw.update(head_dim=16, sliding_window=32, vocab_size=49153)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.copy_(torch.randn_like(p) * 0.1 + 1.0)
-    model = load_model(str(_gguf_of(hf, model_type, tmp_path / f"{model_type}.gguf")))
+    arch = {"gemma3_text": "gemma3"}.get(model_type, model_type)
+    model = load_model(str(_gguf_of(hf, arch, tmp_path / f"{model_type}.gguf")))
     cfg = model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.tie_word_embeddings) == \
-        (model_type, 2, 2, getattr(hf.config, "head_dim", None) or 64 // 4, model_type == "qwen3")
+        (model_type, 2, 2, getattr(hf.config, "head_dim", None) or 64 // 4, tied)
     sd = {k.removeprefix("model."): v.float().numpy() for k, v in hf.state_dict().items()}
-    if model_type == "qwen3":
+    if model_type != "phi3":
         expected = fused_reference(hf.state_dict(), cfg)
     else:  # Phi-3 stores qkv_proj and gate_up_proj already fused, as awqc does
         expected = {k: v for k, v in sd.items()}
+    if model_type == "gemma3_text":  # the file holds 1 + w in float32, so w comes back as (1 + w) - 1
+        expected = {k: (v + np.float32(1)) - np.float32(1) if k.endswith("norm.weight") else v
+                    for k, v in expected.items()}
     assert set(model.weights) == set(expected)
     for name, w in expected.items():
         np.testing.assert_array_equal(model.weights[name], w, err_msg=name)

@@ -24,7 +24,8 @@ def hf_dict(model_type: str = "llama", **kw: Any) -> dict[str, Any]:
 
     d = AutoConfig.for_model(model_type, **{**TINY, **kw}).to_dict()
     d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-                           "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}[model_type]]
+                           "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                           "gemma3_text": "Gemma3ForCausalLM"}[model_type]]
     return json.loads(json.dumps(d))  # exactly what a config.json round trip gives
 
 
@@ -318,3 +319,47 @@ def test_partial_rotary_is_refused() -> None:
     hf = hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75)
     with pytest.raises(UnsupportedModelError, match="partial_rotary_factor.* is 0.75: RoPE on part of each head"):
         config_from_hf(hf)
+
+
+# ------------------------------------------------------------------------------- Gemma 3
+# config.json of a Gemma 3 text model as the hub has it (transformers 4 spelling: rope_theta for the
+# full layers, rope_local_base_freq for the sliding ones, sliding_window_pattern; TINY sizes)
+GEMMA3_HUB = {**TINY, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "head_dim": 32,
+              "num_hidden_layers": 7, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 48,
+              "rope_theta": 1000000, "rope_local_base_freq": 10000, "rope_scaling": {"rope_type": "linear",
+                                                                                     "factor": 8.0},
+              "sliding_window": 64, "sliding_window_pattern": 3, "attn_logit_softcapping": None,
+              "final_logit_softcapping": None}
+
+
+@pytest.mark.parametrize("spelling", ["hub", "transformers5"])
+def test_gemma3_config_matches_transformers(spelling: str, tmp_path: Path) -> None:
+    """Which layers slide, the window, both RoPE bases, the full layers' scaling and the attention
+    scale are those transformers' Gemma3TextConfig resolves, from the hub's legacy spelling and
+    from the one transformers 5 writes (rope_parameters per layer type, layer_types)."""
+    hf = GEMMA3_HUB if spelling == "hub" else hf_dict("gemma3_text", **{
+        k: v for k, v in GEMMA3_HUB.items() if k not in ("architectures", "model_type")})
+    ref = load_with_transformers(hf, tmp_path)
+    cfg = config_from_hf(hf)
+    rope = ref.rope_parameters
+    assert cfg.sliding_layers == tuple(i for i, t in enumerate(ref.layer_types) if t == "sliding_attention")
+    assert cfg.sliding_layers == (0, 1, 3, 4, 6)  # every third layer attends fully
+    assert cfg.sliding_window == ref.sliding_window == 64
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (rope["full_attention"]["rope_theta"],
+                                                      rope["sliding_attention"]["rope_theta"]) == (1e6, 1e4)
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": rope["full_attention"]["factor"]}
+    assert rope["sliding_attention"]["rope_type"] == "default"
+    assert cfg.attention_scale == ref.query_pre_attn_scalar ** -0.5 == 48 ** -0.5
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"final_logit_softcapping": 30.0}, "'final_logit_softcapping' is 30.0: logit soft-capping"),
+    ({"attn_logit_softcapping": 50.0}, "'attn_logit_softcapping' is 50.0: logit soft-capping"),
+    ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported; Gemma 3 uses 'gelu_pytorch_tanh'"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling type 'yarn' is not supported"),
+    ({"rope_parameters": {"global": {"rope_theta": 1e6}}}, "field 'rope_parameters' is {'global'"),
+])
+def test_gemma3_options_it_does_not_compute_are_refused(change: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        config_from_hf({**GEMMA3_HUB, **change})

@@ -246,12 +246,15 @@ def test_tiny_int4_model_builds(tiny_cuda_artifacts: dict[str, Path], target: st
     assert manifest["dtype"] == "float16" and manifest["quantization"]["layout"] == "k8"
 
 
-FAMILY_CKPTS = {"qwen3": dict(model_type="qwen3", head_dim=32), "phi3": dict(model_type="phi3", pad_token_id=0)}
+FAMILY_CKPTS = {"qwen3": dict(model_type="qwen3", head_dim=32), "phi3": dict(model_type="phi3", pad_token_id=0),
+                "gemma3_text": dict(model_type="gemma3_text", head_dim=32, sliding_window=48,
+                                    layer_types=["sliding_attention", "full_attention"])}
 
 
 def test_other_families_build_for_cuda(tmp_path: Path) -> None:
-    """Qwen3's per-head q/k norms and Phi-3's checkpoint layout through the CUDA path: each
-    family's int4 fp16 artifact compiles for sm_80 with every kernel bound to threads."""
+    """Qwen3's per-head q/k norms, Phi-3's checkpoint layout and Gemma 3 (RoPE in the graph,
+    sliding layers) through the CUDA path: each family's int4 fp16 artifact compiles for sm_80
+    with every kernel bound to threads."""
     env = {**os.environ, "AWQC_CACHE_DIR": str(tmp_path / "cache")}
     jobs = {}
     for fam, kw in FAMILY_CKPTS.items():

@@ -28,7 +28,14 @@ FAMILIES = {
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False, attention_bias=True),
     # q/k/v and gate/up fused in the checkpoint
     "phi3": dict(model_type="phi3", pad_token_id=0, tie_word_embeddings=False),
+    # (1 + w) norms; a second norm after attention and after the MLP; sliding and full layers
+    "gemma3": dict(model_type="gemma3_text", head_dim=32, tie_word_embeddings=False, sliding_window=24,
+                   layer_types=["sliding_attention", "full_attention"]),
 }
+# transformers' name of the norm before the MLP (Gemma's post_attention_layernorm normalizes the
+# attention output before its residual add: it feeds no linear)
+MLP_NORM = {"qwen3": "post_attention_layernorm", "phi3": "post_attention_layernorm",
+            "gemma3": "pre_feedforward_layernorm"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -37,22 +44,31 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return load_model(str(ckpt))
 
 
+def _name(model) -> str:
+    return next(k for k, v in FAMILIES.items() if v["model_type"] == model.config.model_type)
+
+
 def _groups(model):
     mod, named = family(model.config.model_type).export_model(model.config, "float32", get_target("host").target())
     return find_scaling_groups(mod["score"], [n for n, _ in named])
 
 
 def test_groups_are_the_architectures(model) -> None:
-    """From the definitions in transformers (modeling_qwen3, modeling_phi3): per layer,
-    input_layernorm feeds q/k/v, post_attention_layernorm feeds gate/up, v feeds o_proj, up feeds
-    down_proj; the final norm feeds the untied head. Qwen3's q_norm/k_norm sit between q/k and
-    RoPE, so they feed no linear and start no group."""
-    found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in _groups(model)}
+    """From the definitions in transformers (modeling_qwen3, modeling_phi3, modeling_gemma3): per
+    layer, input_layernorm feeds q/k/v, the MLP's norm feeds gate/up, v feeds o_proj, up feeds
+    down_proj; the final norm feeds the untied head. q_norm/k_norm sit between q/k and RoPE and
+    Gemma's post-norms before residual adds, so they feed no linear and start no group. Gemma's
+    norms scale by 1 + w: their groups fold with offset 1, the others with 0."""
+    groups = _groups(model)
+    found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in groups}
+    gemma = model.config.model_type == "gemma3_text"
+    assert {g.producer: g.offset for g in groups if g.kind == "norm"} == {
+        producer: 1.0 if gemma else 0.0 for producer, _ in found if "norm" in producer}
     expected = {("norm.weight", ("lm_head.weight",))}
     for i in range(model.config.num_hidden_layers):
         p = f"layers.{i}"
         expected |= {(f"{p}.input_layernorm.weight", (f"{p}.self_attn.qkv_proj.weight",)),
-                     (f"{p}.post_attention_layernorm.weight", (f"{p}.mlp.gate_up_proj.weight",)),
+                     (f"{p}.{MLP_NORM[_name(model)]}.weight", (f"{p}.mlp.gate_up_proj.weight",)),
                      (f"{p}.self_attn.qkv_proj.weight", (f"{p}.self_attn.o_proj.weight",)),
                      (f"{p}.mlp.gate_up_proj.weight", (f"{p}.mlp.down_proj.weight",))}
     assert found == expected

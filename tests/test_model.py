@@ -28,6 +28,14 @@ VARIANTS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),
     "linear-rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # (1 + w) norms, four per block and per-head q/k; tanh GeGLU; scaled embeddings; its own
+    # attention scale; sliding layers (the default 4096 window, wider than this context) on RoPE
+    # base 10^4 and full layers on 10^6 with linear scaling; untied head, attention biases
+    "gemma3": dict(model_type="gemma3_text", head_dim=32, query_pre_attn_scalar=24, num_hidden_layers=3,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   tie_word_embeddings=False, attention_bias=True, rope_parameters={
+                       "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
 }
 
 
@@ -64,6 +72,8 @@ SLIDING_WINDOW = 20  # past a 16-token page, so the window starts mid-page
 @pytest.mark.parametrize("model_type,overrides", [
     ("mistral", {}),  # every layer slides
     ("qwen2", dict(use_sliding_window=True, max_window_layers=1)),  # layer 0 full, layer 1 sliding
+    # Gemma 3's pattern (every 2nd layer full here) and its two RoPE bases
+    ("gemma3_text", dict(sliding_window_pattern=2, head_dim=32, query_pre_attn_scalar=48)),
 ])
 def test_sliding_window_attention_matches_transformers_past_its_window(
         model_type: str, overrides: dict, tmp_path: Path) -> None:

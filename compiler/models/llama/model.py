@@ -32,7 +32,7 @@ class LlamaAttention(nn.Module):
         b, s, _ = x.shape
         heads = c.num_attention_heads + 2 * c.num_key_value_heads
         qkv = self.norm_qk(op.reshape(self.qkv_proj(x), (b, s, heads, c.head_dim)))
-        o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_attention_heads, sm_scale=c.head_dim ** -0.5)
+        o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_attention_heads, sm_scale=c.attention_scale)
         return self.o_proj(op.reshape(o, (b, s, c.num_attention_heads * c.head_dim)))
 
     def norm_qk(self, qkv: Tensor) -> Tensor:
@@ -75,6 +75,7 @@ def _last_token(x: Tensor) -> Tensor:
 
 class LlamaForCausalLM(nn.Module):
     layer = LlamaDecoderLayer
+    rope_mode = RopeMode.NORMAL  # the KV cache applies RoPE to q and k
 
     def __init__(self, cfg: ModelConfig, dtype: str, target: Target, separate_head: bool = False):
         # separate_head: give a tied LM head its own parameter, so it can be quantized while
@@ -126,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
             layer_partition=relax.ShapeExpr([0, len(kinds)]), num_hidden_layers=len(kinds),
             num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
             qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=rope_scale,
+            mla_original_v_head_dim=0, rope_mode=self.rope_mode, rope_scale=rope_scale,
             rope_theta=c.rope_theta, rope_scaling=rope_scaling, rope_ext_factors=relax.prim_value(0),
             rotary_dim=c.head_dim, enable_disaggregation=False, dtype=self.dtype, target=self.target)
 
