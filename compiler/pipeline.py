@@ -1,6 +1,8 @@
 """The whole compiler pipeline for a target, readable in one list."""
 from __future__ import annotations
 
+import functools
+
 import tvm
 from tvm import relax
 
@@ -70,9 +72,9 @@ def _schedule_pass(spec: TargetSpec) -> tvm.transform.Pass:
 def w4_scheduler(spec: TargetSpec):
     """The int4 kernel scheduler quantize_linear uses for this target."""
     if spec.device == "cuda":
-        from awqc.schedules.cuda import schedule_w4_cuda
+        from awqc.schedules.cuda import knobs_for, schedule_w4_cuda
 
-        return schedule_w4_cuda
+        return functools.partial(schedule_w4_cuda, knobs=knobs_for(spec.name, spec.tvm_target["arch"]))
     from awqc.schedules.w4_cpu import schedule_w4
 
     return schedule_w4

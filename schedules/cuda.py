@@ -13,8 +13,12 @@ float16 activations (the CUDA fast path):
   stages the activations and the *dequantized* weights (fp16) in shared memory, then each thread
   accumulates a TM x TN sub-tile in float32 registers with FMA (fma.rn.f32), reading shared
   memory with 128-bit loads. The shared arrays are padded so those reads are bank-conflict free.
-  This is a SIMT GEMM: tensor-core MMA (mma.sync) is not used yet. Every line of this kernel
-  runs in the emulation below; an MMA fragment layout would not, and no GPU was at hand.
+  That is the SIMT GEMM. With `gemm_mma` (every sm_80+ target's record) the same staged tiles
+  feed tensor cores instead: each of the block's 4 warps computes a 32 x 32 output tile as 2 x 4
+  `mma.sync.m16n8k16` (f16 inputs, f32 accumulators) per 16 k, its fragments read from the
+  padded shared tiles with 32-bit loads (bank-conflict free: a row is 20 words, so the 8 rows a
+  fragment load touches fall in 8 distinct groups of 4 banks). Both operands are in the same
+  pair-permuted k order, which a dot product does not see.
 
 Fast int4 -> fp16 (the trick of FasterTransformer and TinyChat): OR a nibble into the low
 mantissa bits of the fp16 constant 1024.0 (0x6400) and the half *is* 1024 + q, exactly (fp16 has
@@ -36,6 +40,8 @@ shuffle reduction, and a one-thread-per-output GEMM); the fast conversion is fp1
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
@@ -45,6 +51,8 @@ from .w4_kernels import PACK, ZEROS_PER_WORD, zero_at, zeros_shape
 WORDS_PER_CHUNK = 4  # k8 words per 128-bit load
 CHUNK = WORDS_PER_CHUNK * PACK  # 32 weights per 128-bit load
 WARP = 32
+MMA_WARP_TILE = 32  # a warp's output tile in the tensor-core GEMM: 2 x 4 mma tiles of 16 x 8
+MMA_REGS = 2 * 4 * 4  # its float32 accumulators per lane: four per 16 x 8 tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +63,40 @@ class W4CudaKnobs:
     gemm_bn: int = 128  # output columns per block tile (one weight row per thread when loading)
     gemm_tm: int = 4  # rows per thread
     gemm_tn: int = 8  # columns per thread (strided by bn / tn so shared reads do not conflict)
+    # tensor cores (mma.sync m16n8k16, sm_80+) for the GEMM's inner product instead of FMA;
+    # tm / tn then do not apply: each of the 4 warps owns a 32 x 32 tile of the 32 x 128 block
+    gemm_mma: bool = False
 
     @property
     def gemm_threads(self) -> int:
         return (self.gemm_bm // self.gemm_tm) * (self.gemm_bn // self.gemm_tn)
+
+
+CUDA_KNOBS_FORMAT = "awqc-cuda-knobs/1"
+RECORDS_DIR = Path(__file__).resolve().parent / "records"
+
+
+class CudaKnobsError(ValueError):
+    """A CUDA knobs record that is damaged or names another target."""
+
+
+def knobs_for(target: str, gpu_arch: str, records_dir: Path = RECORDS_DIR) -> W4CudaKnobs:
+    """The kernel knobs of a CUDA/Jetson target from schedules/records/<target>.json (per arch:
+    tensor cores from sm_80 on), or the defaults when there is no record."""
+    path = records_dir / f"{target}.json"
+    if not path.is_file():
+        return W4CudaKnobs()
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CudaKnobsError(f"{path} is not valid JSON ({err}); restore it from the repository") from None
+    if data.get("format") != CUDA_KNOBS_FORMAT or data.get("target") != target or data.get("gpu_arch") != gpu_arch:
+        raise CudaKnobsError(f"{path} is not the {CUDA_KNOBS_FORMAT} record of {target} ({gpu_arch}); "
+                             "restore it from the repository")
+    try:
+        return W4CudaKnobs(**data["knobs"])
+    except (KeyError, TypeError) as err:
+        raise CudaKnobsError(f"{path} has bad knobs ({err}); restore it from the repository") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,13 +177,51 @@ extern "C" __device__ __forceinline__ void awqc_pair8(unsigned x01, unsigned x23
 }
 """
 
-HELPERS: dict[str, str] = {"awqc_w4_dot8": _DOT8, "awqc_w4_dequant8": _DEQUANT8, "awqc_pair8": _PAIR8}
+_MMA = r"""
+// One warp's 16 x 8 x 16 tensor-core product c += a . b^T from shared memory: a is 16 rows of
+// activations, b is 8 rows of dequantized weights, both with k contiguous and row strides lda /
+// ldb halves (the GEMM's padded tiles); c is this lane's four float32 accumulators, which
+// mma.sync's layout assigns to rows lane/4 and lane/4 + 8, columns 2 (lane % 4) and that + 1.
+// The fragments are loaded with 32-bit shared loads as PTX's m16n8k16 .row.col layout places
+// them (a: rows g, g + 8 at k = 2t, 2t + 8; b: row g at k = 2t, 2t + 8; g = lane / 4, t = lane % 4).
+// The host build computes the same four outputs of this lane directly: it checks the kernel's
+// tiles, addresses and accumulator mapping, not the fragment layout, which only a GPU can run.
+extern "C" __device__ __forceinline__ void awqc_mma_m16n8k16(const void* a, int lda, const void* b, int ldb,
+                                                             float* c, int lane) {
+  const half* A = static_cast<const half*>(a);
+  const half* B = static_cast<const half*>(b);
+  const int g = lane >> 2, t = lane & 3;
+#ifdef __CUDA_ARCH__
+  const unsigned a0 = *reinterpret_cast<const unsigned*>(A + g * lda + 2 * t);
+  const unsigned a1 = *reinterpret_cast<const unsigned*>(A + (g + 8) * lda + 2 * t);
+  const unsigned a2 = *reinterpret_cast<const unsigned*>(A + g * lda + 2 * t + 8);
+  const unsigned a3 = *reinterpret_cast<const unsigned*>(A + (g + 8) * lda + 2 * t + 8);
+  const unsigned b0 = *reinterpret_cast<const unsigned*>(B + g * ldb + 2 * t);
+  const unsigned b1 = *reinterpret_cast<const unsigned*>(B + g * ldb + 2 * t + 8);
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float sum = 0.0f;
+    for (int k = 0; k < 16; ++k) sum += (float)A[row * lda + k] * (float)B[col * ldb + k];
+    c[i] += sum;
+  }
+#endif
+}
+"""
+
+HELPERS: dict[str, str] = {"awqc_w4_dot8": _DOT8, "awqc_w4_dequant8": _DEQUANT8, "awqc_pair8": _PAIR8,
+                           "awqc_mma_m16n8k16": _MMA}
 
 # Just enough of cuda_fp16.h / the CUDA intrinsics for the helpers to compile as host C++.
 HOST_SHIM = r"""
 #include <cstdint>
 #define __device__
 #define __forceinline__
+typedef _Float16 half;
 struct half2 { _Float16 x, y; };
 struct float2 { float x, y; };
 struct uint4 { unsigned x, y, z, w; };
@@ -294,6 +370,11 @@ def w4_gemm_f16(k: int, n: int, group: int, knobs: W4CudaKnobs = W4CudaKnobs(),
     tcols = bn // tn  # threads along n; a thread's columns are tcols apart
     if threads != bn or bm * CHUNK // 8 != threads:
         raise ValueError(f"GEMM tile {knobs} must have one thread per weight row and per 8 activations")
+    mma = knobs.gemm_mma
+    if mma and (bm, bn, threads) != (MMA_WARP_TILE, 4 * MMA_WARP_TILE, 4 * WARP):
+        raise ValueError(f"the tensor-core GEMM takes a {MMA_WARP_TILE} x {4 * MMA_WARP_TILE} block tile "
+                         f"of 4 warps, not {knobs}")
+    regs = MMA_REGS if mma else tm * tn  # float32 accumulators per thread
     kw, ng = k // PACK, k // group
     ktiles = k // CHUNK
     tiles_per_group = group // CHUNK
@@ -310,16 +391,16 @@ def w4_gemm_f16(k: int, n: int, group: int, knobs: W4CudaKnobs = W4CudaKnobs(),
                scales: T.Buffer((n, ng), "float16"), zeros: T.Buffer(zeros_shape(n, ng), "uint32"),
                y: T.Buffer((m, n), "float16")):
         T.func_attr({"tirx.noalias": True})
-        acc = T.sblock_alloc_buffer((threads, tm, tn), "float32", scope=local)
+        acc = T.sblock_alloc_buffer((threads, regs), "float32", scope=local)
         for by in by_loop(mb):
             for bx in bx_loop(nb):
                 for tid in tx_loop(threads):
                     with T.sblock("acc_init"):
                         vt = T.axis.spatial(threads, tid)
                         T.reads()
-                        T.writes(acc[vt, 0:tm, 0:tn])
-                        for i, j in T.grid(tm, tn):
-                            acc[vt, i, j] = T.float32(0)
+                        T.writes(acc[vt, 0:regs])
+                        for r in range(regs):
+                            acc[vt, r] = T.float32(0)
                 for kt in range(ktiles):
                     with T.sblock("ktile"):
                         vby = T.axis.spatial(mb, by)
@@ -329,8 +410,8 @@ def w4_gemm_f16(k: int, n: int, group: int, knobs: W4CudaKnobs = W4CudaKnobs(),
                                 qweight[vbx * bn:vbx * bn + bn, vk * WORDS_PER_CHUNK:vk * WORDS_PER_CHUNK + 4],
                                 scales[vbx * bn:vbx * bn + bn, vk // tiles_per_group],
                                 zeros[vbx * bn:vbx * bn + bn, vk // tiles_per_group // ZEROS_PER_WORD],
-                                acc[0:threads, 0:tm, 0:tn])
-                        T.writes(acc[0:threads, 0:tm, 0:tn])
+                                acc[0:threads, 0:regs])
+                        T.writes(acc[0:threads, 0:regs])
                         xs = T.sblock_alloc_buffer((bm, pad), "float16", scope=shared)
                         ws = T.sblock_alloc_buffer((bn, pad), "float16", scope=shared)
                         for tid in tx_loop(threads):
@@ -373,42 +454,82 @@ def w4_gemm_f16(k: int, n: int, group: int, knobs: W4CudaKnobs = W4CudaKnobs(),
                         if not emulate:  # the helpers write shared memory through pointers, unseen by ThreadSync
                             T.evaluate(T.tvm_storage_sync("shared"))
                         for tid in tx_loop(threads):
-                            with T.sblock("compute"):
-                                vt = T.axis.spatial(threads, tid)
-                                T.reads(xs[vt // tcols * tm:vt // tcols * tm + tm, 0:CHUNK],
-                                        ws[vt % tcols:vt % tcols + (tn - 1) * tcols + 1, 0:CHUNK],
-                                        acc[vt, 0:tm, 0:tn])
-                                T.writes(acc[vt, 0:tm, 0:tn])
-                                a = T.sblock_alloc_buffer((tm, 8), "float16", scope=local)
-                                b = T.sblock_alloc_buffer((tn, 8), "float16", scope=local)
-                                af = T.sblock_alloc_buffer((tm,), "float32", scope=local)
-                                bf = T.sblock_alloc_buffer((tn,), "float32", scope=local)
-                                for kk in range(CHUNK // 8):
-                                    for i in T.unroll(tm):  # 128-bit shared loads
-                                        a[i, T.ramp(0, 1, 8)] = xs[vt // tcols * tm + i, T.ramp(kk * 8, 1, 8)]
-                                    for j in T.unroll(tn):
-                                        b[j, T.ramp(0, 1, 8)] = ws[vt % tcols + j * tcols, T.ramp(kk * 8, 1, 8)]
-                                    for e in T.unroll(8):  # convert each operand once, then tm x tn FMAs
-                                        for i in T.unroll(tm):
-                                            af[i] = T.Cast("float32", a[i, e])
+                            if mma:
+                                with T.sblock("compute_mma"):
+                                    # warp tid // 32 owns columns 32 w .. 32 w + 31 of the block tile
+                                    vt = T.axis.spatial(threads, tid)
+                                    T.reads(xs[0:bm, 0:CHUNK], ws[vt // WARP * MMA_WARP_TILE:
+                                                                  vt // WARP * MMA_WARP_TILE + MMA_WARP_TILE, 0:CHUNK],
+                                            acc[vt, 0:regs])
+                                    T.writes(acc[vt, 0:regs])
+                                    for kk in range(CHUNK // 16):
+                                        for mt in T.unroll(2):
+                                            for nt in T.unroll(4):
+                                                T.evaluate(_helper(
+                                                    "awqc_mma_m16n8k16", "void", T.address_of(xs[mt * 16, kk * 16]),
+                                                    pad, T.address_of(ws[vt // WARP * MMA_WARP_TILE + nt * 8, kk * 16]),
+                                                    pad, T.address_of(acc[vt, (mt * 4 + nt) * 4]), vt % WARP,
+                                                    emulate=emulate))
+                            else:
+                                with T.sblock("compute"):
+                                    vt = T.axis.spatial(threads, tid)
+                                    T.reads(xs[vt // tcols * tm:vt // tcols * tm + tm, 0:CHUNK],
+                                            ws[vt % tcols:vt % tcols + (tn - 1) * tcols + 1, 0:CHUNK],
+                                            acc[vt, 0:regs])
+                                    T.writes(acc[vt, 0:regs])
+                                    a = T.sblock_alloc_buffer((tm, 8), "float16", scope=local)
+                                    b = T.sblock_alloc_buffer((tn, 8), "float16", scope=local)
+                                    af = T.sblock_alloc_buffer((tm,), "float32", scope=local)
+                                    bf = T.sblock_alloc_buffer((tn,), "float32", scope=local)
+                                    for kk in range(CHUNK // 8):
+                                        for i in T.unroll(tm):  # 128-bit shared loads
+                                            a[i, T.ramp(0, 1, 8)] = xs[vt // tcols * tm + i, T.ramp(kk * 8, 1, 8)]
                                         for j in T.unroll(tn):
-                                            bf[j] = T.Cast("float32", b[j, e])
-                                        for i in T.unroll(tm):
+                                            b[j, T.ramp(0, 1, 8)] = ws[vt % tcols + j * tcols, T.ramp(kk * 8, 1, 8)]
+                                        for e in T.unroll(8):  # convert each operand once, then tm x tn FMAs
+                                            for i in T.unroll(tm):
+                                                af[i] = T.Cast("float32", a[i, e])
                                             for j in T.unroll(tn):
-                                                acc[vt, i, j] = acc[vt, i, j] + af[i] * bf[j]
+                                                bf[j] = T.Cast("float32", b[j, e])
+                                            for i in T.unroll(tm):
+                                                for j in T.unroll(tn):
+                                                    acc[vt, i * tn + j] = acc[vt, i * tn + j] + af[i] * bf[j]
                         if not emulate:  # the next tile's loads overwrite xs and ws
                             T.evaluate(T.tvm_storage_sync("shared"))
                 for tid in tx_loop(threads):
-                    for i, j in T.grid(tm, tn):
-                        with T.sblock("store"):
-                            vby = T.axis.spatial(mb, by)
-                            vbx = T.axis.spatial(nb, bx)
-                            vt, vi, vj = T.axis.remap("SSS", [tid, i, j])
-                            T.where(by * bm + tid // tcols * tm + i < m and bx * bn + tid % tcols + j * tcols < n)
-                            y[vby * bm + vt // tcols * tm + vi, vbx * bn + vt % tcols + vj * tcols] = T.Cast(
-                                "float16", acc[vt, vi, vj])
+                    if mma:
+                        for r in range(regs):
+                            with T.sblock("store_mma"):
+                                # register r: mma tile (r // 16, r // 4 % 4), entry r % 4 of mma.sync's C layout
+                                vby = T.axis.spatial(mb, by)
+                                vbx = T.axis.spatial(nb, bx)
+                                vt, vr = T.axis.remap("SS", [tid, r])
+                                T.where(by * bm + _mma_row(tid, r) < m and bx * bn + _mma_col(tid, r) < n)
+                                y[vby * bm + _mma_row(vt, vr), vbx * bn + _mma_col(vt, vr)] = T.Cast(
+                                    "float16", acc[vt, vr])
+                    else:
+                        for i, j in T.grid(tm, tn):
+                            with T.sblock("store"):
+                                vby = T.axis.spatial(mb, by)
+                                vbx = T.axis.spatial(nb, bx)
+                                vt, vi, vj = T.axis.remap("SSS", [tid, i, j])
+                                T.where(by * bm + tid // tcols * tm + i < m and bx * bn + tid % tcols + j * tcols < n)
+                                y[vby * bm + vt // tcols * tm + vi, vbx * bn + vt % tcols + vj * tcols] = T.Cast(
+                                    "float16", acc[vt, vi * tn + vj])
 
     return kernel
+
+
+def _mma_row(thread: tirx.PrimExpr, reg: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Block-tile row of a tensor-core GEMM accumulator: mma tile row reg // 16, then mma.sync's
+    C layout (lane / 4, + 8 for entries 2 and 3)."""
+    return reg // 16 * 16 + thread % WARP // 4 + reg % 4 // 2 * 8
+
+
+def _mma_col(thread: tirx.PrimExpr, reg: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Block-tile column: the warp's 32 columns, mma tile column reg // 4 % 4, then the C layout
+    (2 (lane % 4), + 1 for odd entries)."""
+    return thread // WARP * MMA_WARP_TILE + reg // 4 % 4 * 8 + thread % 4 * 2 + reg % 2
 
 
 def _check_fast_path(k: int, group: int) -> None:

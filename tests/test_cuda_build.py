@@ -24,7 +24,7 @@ from awqc.compiler.cuda_package import KERNELS_SOURCE, embedded_cuda_module, nvc
 from awqc.compiler.targets import TARGET_NAMES, UnknownTargetError, get_target
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.artifact import ArtifactError
-from awqc.schedules.cuda import host_helper_source, w4_gemm_f16, w4_gemv_f16
+from awqc.schedules.cuda import CudaKnobsError, W4CudaKnobs, host_helper_source, knobs_for, w4_gemm_f16, w4_gemv_f16
 from awqc.schedules.layouts import K8
 
 from conftest import clean_env, make_checkpoint
@@ -92,14 +92,22 @@ def emulate(func: tvm.tirx.PrimFunc, helpers: Path, out: Path):
     return tvm.runtime.load_module(str(out))["main"]
 
 
+GEMM_SHAPES = [(7, 576, 960, 64), (33, 96, 200, 32), (1, 128, 130, 128), (64, 64, 128, 32)]
+
+
 @pytest.mark.parametrize("kind,m,k,n,group", [
     ("gemv", 1, 576, 960, 64), ("gemv", 1, 1536, 576, 64), ("gemv", 1, 96, 10, 32), ("gemv", 1, 256, 7, 128),
-    ("gemm", 7, 576, 960, 64), ("gemm", 33, 96, 200, 32), ("gemm", 1, 128, 130, 128), ("gemm", 64, 64, 128, 32)])
+    *[("gemm", *shape) for shape in GEMM_SHAPES], *[("gemm_mma", *shape) for shape in GEMM_SHAPES]])
 def test_emulated_cuda_kernel_matches_numpy(helpers: Path, tmp_path: Path, kind: str, m: int, k: int, n: int,
                                             group: int) -> None:
-    """The CUDA kernel itself (its TIR: thread mapping, guards, shared-memory staging, pairing),
-    with thread loops serial and the device helpers from the host build."""
-    func = w4_gemv_f16(k, n, group, emulate=True) if kind == "gemv" else w4_gemm_f16(k, n, group, emulate=True)
+    """The CUDA kernel itself (its TIR: thread mapping, guards, shared-memory staging, pairing;
+    for the tensor-core GEMM the warp tiles and which accumulator holds which output), with
+    thread loops serial and the device helpers from the host build. The host mma helper computes
+    its lane's outputs directly, so the PTX fragment layout itself is checked only on a GPU."""
+    if kind == "gemv":
+        func = w4_gemv_f16(k, n, group, emulate=True)
+    else:
+        func = w4_gemm_f16(k, n, group, W4CudaKnobs(gemm_mma=kind == "gemm_mma"), emulate=True)
     fn = emulate(func, helpers, tmp_path / f"{kind}_{m}_{k}_{n}.so")
     args, ref = int4_data(m, k, n, group, seed=k + n)
     y = tvm.runtime.tensor(np.zeros((m, n), np.float16))
@@ -119,8 +127,10 @@ def int4_ptx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, d
     out = {}
     for target, arch in ARCHS.items():
         spec = get_target(target)
+        mma = w4_gemm_f16(576, 1536, 64, W4CudaKnobs(gemm_mma=True))
         mod = tvm.IRModule({"w4_gemv": w4_gemv_f16(576, 1536, 64).with_attr("global_symbol", "w4_gemv"),
-                            "w4_gemm": w4_gemm_f16(576, 1536, 64).with_attr("global_symbol", "w4_gemm")})
+                            "w4_gemm": w4_gemm_f16(576, 1536, 64).with_attr("global_symbol", "w4_gemm"),
+                            "w4_mma": mma.with_attr("global_symbol", "w4_mma")})
         src = tvm.compile(mod, spec.target()).mod.imports[0].inspect_source("cuda")
         work = tmp_path_factory.mktemp(arch)
         ptx, _ = nvcc_compile(src, arch, "ptx", work)
@@ -158,13 +168,43 @@ def test_gemm_ptx(int4_ptx: dict, target: str) -> None:
 
 
 @pytest.mark.parametrize("target", list(ARCHS))
+def test_tensor_core_gemm_ptx(int4_ptx: dict, target: str) -> None:
+    """Per 32-wide k tile: the weights dequantized with the fast conversion into shared memory,
+    then per warp 2 x 4 tiles x 2 k16 steps of f16 x f16 -> f32 mma.sync, each fed by six 32-bit
+    shared loads (4 for the activation fragment, 2 for the weights)."""
+    body = kernel_ptx(int4_ptx[target][0], "w4_mma")
+    mma = re.findall(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32", body)
+    assert len(mma) == 16
+    assert len(re.findall(r"ld\.shared\.[ub]32", body)) == 6 * len(mma)
+    assert len(re.findall(r"lop3\.b32[^;]*, 0xEA;", body)) == 16 and "sub.f16x2" in body
+    assert "fma.rn.f32" not in body and ".local" not in body  # accumulators stay in registers
+
+
+@pytest.mark.parametrize("target", list(ARCHS))
 def test_int4_kernel_resources(int4_ptx: dict, target: str) -> None:
     usage = int4_ptx[target][1]
     limit = get_target(target).tvm_target["max_shared_memory_per_block"]
-    for name in ("w4_gemv_kernel", "w4_gemm_kernel"):
+    for name in ("w4_gemv_kernel", "w4_gemm_kernel", "w4_mma_kernel"):
         u = usage[name]
         assert 0 < u["registers"] <= 255 and u["smem"] <= limit and u["spill"] == 0, (name, u)
-    assert usage["w4_gemm_kernel"]["smem"] == (32 + 128) * 40 * 2  # padded tiles, as designed
+    for name in ("w4_gemm_kernel", "w4_mma_kernel"):
+        assert usage[name]["smem"] == (32 + 128) * 40 * 2  # padded tiles, as designed
+    assert usage["w4_mma_kernel"]["stack"] == 0
+
+
+def test_every_cuda_target_uses_tensor_cores(tmp_path: Path) -> None:
+    """Each CUDA/Jetson target (all sm_80 or newer) has a knobs record choosing the tensor-core
+    GEMM; a damaged or misplaced record is refused by name, and no record means the defaults."""
+    for target in CUDA_TARGETS:
+        assert knobs_for(target, get_target(target).tvm_target["arch"]).gemm_mma, target
+    assert knobs_for("cuda-sm80", "sm_80", tmp_path) == W4CudaKnobs()
+    record = json.loads((Path(__file__).parents[1] / "schedules/records/cuda-sm80.json").read_text())
+    (tmp_path / "cuda-sm86.json").write_text(json.dumps(record))  # sm_80's record under sm_86's name
+    with pytest.raises(CudaKnobsError, match="cuda-sm86.json is not the awqc-cuda-knobs/1 record of cuda-sm86"):
+        knobs_for("cuda-sm86", "sm_86", tmp_path)
+    (tmp_path / "cuda-sm80.json").write_text(json.dumps({**record, "knobs": {"gemm_mma": True, "tiles": 3}}))
+    with pytest.raises(CudaKnobsError, match="cuda-sm80.json has bad knobs"):
+        knobs_for("cuda-sm80", "sm_80", tmp_path)
 
 
 @pytest.mark.parametrize("dtype,rows", [("float32", 1), ("float32", None), ("float16", 4)])
@@ -232,7 +272,8 @@ def check_cuda_artifact(art: Path, target: str) -> dict:
     assert fmt == "fatbin" and code.startswith(FATBIN_MAGIC) and len(code) == cuda["fatbin_bytes"]
     assert any(n.startswith("w4_gemv") for n in names) and any(n.startswith("w4_gemm") for n in names)
     assert b"__global__" not in (art / "lib.so").read_bytes()  # the source is not what ships in lib.so
-    assert "__global__" in (art / KERNELS_SOURCE).read_text()
+    source = (art / KERNELS_SOURCE).read_text()
+    assert "__global__" in source and "mma.sync.aligned.m16n8k16" in source  # the tensor-core prefill GEMM
     assert (art / "lib.so").read_bytes()[18] == ELF_MACHINE[spec.arch]
     assert set(cuda["ptxas"]) == set(names)  # ptxas reported every kernel of the module
     assert 0 < cuda["max_registers"] <= 255
