@@ -18,6 +18,8 @@ import torch
 
 SHAPES = {
     # name: hidden, intermediate, layers, heads, kv heads, vocab, tied, rope
+    # a small stand-in for rehearsing benchmarks (bench/gpu/prepare.py --dry-run)
+    "tiny": (128, 384, 2, 4, 2, 32000, True, None),
     "llama32-1b": (2048, 8192, 16, 32, 8, 128256, True, {"rope_type": "llama3", "factor": 32.0,
                      "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "llama32-3b": (3072, 8192, 28, 24, 8, 128256, True, None),
