@@ -7,7 +7,7 @@ from typing import Any
 
 from .models import SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 class UnsupportedModelError(ValueError):
@@ -41,6 +41,16 @@ class ModelConfig:
     # and the RoPE base of the sliding layers (None: rope_theta in every layer).
     query_pre_attn_scalar: int | None = None
     rope_local_theta: float | None = None
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence awqc computes as transformers does. A LongRoPE model rotates by its
+        short factors up to original_max_position_embeddings and by its long ones past it (for the
+        whole sequence, re-rotating nothing already cached); awqc applies the short ones, so its
+        context stops there."""
+        if self.rope_scaling.get("rope_type") == "longrope":
+            return min(self.max_position_embeddings, self.rope_scaling["original_max_position_embeddings"])
+        return self.max_position_embeddings
 
     @property
     def attention_scale(self) -> float:
@@ -266,6 +276,7 @@ def _check_full_rotary(hf: dict[str, Any]) -> None:
 _ROPE_KEYS = {  # the keys each supported type reads (what awqc keeps in ModelConfig.rope_scaling)
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor"),
 }
 
 
@@ -292,7 +303,7 @@ def _rope_dict(hf: dict[str, Any], key: str) -> dict[str, Any] | None:
     return out
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+def _rope(hf: dict[str, Any], model_type: str, head_dim: int, max_positions: int) -> tuple[float, dict[str, Any]]:
     """RoPE theta and scaling as transformers resolves them (see above), validated."""
     scaling, params = _rope_dict(hf, "rope_scaling"), _rope_dict(hf, "rope_parameters")
     if scaling is not None and params is not None:
@@ -329,6 +340,8 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
             "when both are given). Make them agree or keep one")
 
     rope_type = rope["rope_type"]
+    if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's names for LongRoPE
+        rope_type = "longrope"
     if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"RoPE scaling type {_show(rope_type)} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
@@ -340,6 +353,8 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         raise UnsupportedModelError(
             f"config.json field {name!r} has rope_type {rope_type!r} but lacks {', '.join(missing)}; "
             f"{rope_type} RoPE needs {', '.join(_ROPE_KEYS[rope_type])}")
+    if rope_type == "longrope":
+        return theta, _longrope(hf, rope, name, model_type, head_dim, max_positions)
     out: dict[str, Any] = {"rope_type": rope_type,
                            "factor": _check_positive_float(f"{name}.factor", rope["factor"])}
     if rope_type == "llama3":
@@ -355,10 +370,40 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     return theta, out
 
 
+def _longrope(hf: dict[str, Any], rope: dict[str, Any], name: str, model_type: str, head_dim: int,
+              max_positions: int) -> dict[str, Any]:
+    """LongRoPE (Phi-3 128k, Phi-3.5): per-frequency factors and the cos/sin scale, as transformers'
+    _compute_longrope_parameters derives them: original_max_position_embeddings from the config's top
+    level where Phi3Config has one (default 4096), else the RoPE dict's, else max_position_embeddings;
+    factor = max / original unless given; attention_factor sqrt(1 + ln factor / ln original) unless given."""
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = rope[key]
+        if (not isinstance(value, list) or len(value) != head_dim // 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                           for v in value)):
+            raise _bad(f"{name}.{key}", value, f"a list of {head_dim // 2} positive numbers (one per rotated pair "
+                       f"of the head's {head_dim} dimensions)")
+        factors[key] = [float(v) for v in value]
+    if model_type == "phi3" or "original_max_position_embeddings" in hf:
+        original = _int(hf, "original_max_position_embeddings", 1, MAX_POSITIONS, default=4096)
+    else:
+        original = _check_int(f"{name}.original_max_position_embeddings",
+                              rope.get("original_max_position_embeddings", max_positions), 1, MAX_POSITIONS)
+    factor = (_check_positive_float(f"{name}.factor", rope["factor"]) if rope.get("factor") is not None
+              else max_positions / original)
+    if rope.get("attention_factor") is not None:
+        attention = _check_positive_float(f"{name}.attention_factor", rope["attention_factor"])
+    else:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", **factors, "original_max_position_embeddings": original,
+            "attention_factor": attention}
+
+
 GEMMA3_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # Gemma3TextConfig.default_theta
 
 
-def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any], float]:
+def _gemma3_rope(hf: dict[str, Any], head_dim: int, max_positions: int) -> tuple[float, dict[str, Any], float]:
     """(theta and scaling of the full-attention layers, theta of the sliding layers), resolved as
     Gemma3TextConfig.convert_rope_params_to_dict does: rope_parameters keyed by layer type, else
     the legacy rope_theta, rope_scaling (full layers) and rope_local_base_freq (sliding layers)."""
@@ -372,12 +417,12 @@ def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any], float]:
     if scaling is not None:
         full.update(scaling)
     full.setdefault("rope_theta", hf.get("rope_theta", GEMMA3_THETA["full_attention"]))
-    theta, full_scaling = _rope({"rope_parameters": full})
+    theta, full_scaling = _rope({"rope_parameters": full}, "gemma3_text", head_dim, max_positions)
     if full_scaling.get("rope_type", "linear") != "linear":
         raise UnsupportedModelError(f"Gemma 3 RoPE scaling {full_scaling['rope_type']!r} is not supported; "
                                     "supported: default, linear")
     local.setdefault("rope_theta", hf.get("rope_local_base_freq", GEMMA3_THETA["sliding_attention"]))
-    local_theta, local_scaling = _rope({"rope_parameters": local})
+    local_theta, local_scaling = _rope({"rope_parameters": local}, "gemma3_text", head_dim, max_positions)
     if local_scaling:
         raise UnsupportedModelError(f"RoPE scaling of Gemma 3's sliding layers ({local_scaling['rope_type']!r}) "
                                     "is not supported; supported: default")
@@ -423,9 +468,9 @@ def config_from_hf(hf: Any) -> ModelConfig:
     _check_full_rotary(hf)
     gemma = model_type == "gemma3_text"
     if gemma:
-        theta, scaling, local_theta = _gemma3_rope(hf)
+        theta, scaling, local_theta = _gemma3_rope(hf, head_dim, max_positions)
     else:
-        (theta, scaling), local_theta = _rope(hf), None
+        (theta, scaling), local_theta = _rope(hf, model_type, head_dim, max_positions), None
     bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
     attention_bias = _bool(hf, "attention_bias", False)
     return ModelConfig(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,12 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else rope["rope_theta"])
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
+    if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3 converter: factors as tensors
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(cfg.original_max_position_embeddings)))
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], np.float32))
     w.add_vocab_size(cfg.vocab_size)
     for field in default.fields.values():  # the tokenizer, as the default GGUF carries it
         if field.name.startswith("tokenizer.ggml."):
@@ -152,6 +159,26 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def test_longrope_gguf_reads_its_factors(tmp_path: Path) -> None:
+    """A LongRoPE Phi-3 GGUF as llama.cpp's converter writes it (factors as tensors, the original
+    context and cos/sin scale as metadata, none of which transformers' GGUF config reader maps):
+    awqc's RoPE is the checkpoint's, not plain RoPE."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    short, long = [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], [1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 40.0]
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "phi3", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=64,
+        rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long}, pad_token_id=0)).eval()
+    cfg = load_model(str(_gguf_of(hf, "phi3", tmp_path / "phi3.gguf"))).config
+    rope = cfg.rope_scaling
+    assert rope["rope_type"] == "longrope"
+    for kind, want in (("short", short), ("long", long)):  # stored as float32, as RoPE computes with them
+        np.testing.assert_array_equal(np.float32(rope[f"{kind}_factor"]), np.float32(want))
+    assert rope["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(4) / math.log(64)), rel=1e-6)
+    assert cfg.max_context == 64 and cfg.max_position_embeddings == 256
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gemma3_text"])

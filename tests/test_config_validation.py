@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 from awqc.compiler.config import ModelConfig, UnsupportedModelError, check_vocab, config_from_hf
@@ -319,6 +321,59 @@ def test_partial_rotary_is_refused() -> None:
     hf = hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75)
     with pytest.raises(UnsupportedModelError, match="partial_rotary_factor.* is 0.75: RoPE on part of each head"):
         config_from_hf(hf)
+
+
+# ------------------------------------------------------------------------------- LongRoPE (Phi-3)
+SHORT, LONG = [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], [1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 40.0]
+# Phi-3.5-mini's config.json layout (transformers 4 spelling), TINY sizes: head_dim 16, 8 pairs
+PHI3_LONGROPE = {"max_position_embeddings": 256, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+                 "rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG}}
+
+
+@pytest.mark.parametrize("spelling", ["longrope", "su", "attention-factor-given", "transformers5"])
+def test_longrope_matches_transformers(spelling: str, tmp_path: Path) -> None:
+    """awqc's LongRoPE frequencies and cos/sin scale are transformers' own (its rope init function
+    on the config it reads from the same file); the context stops where the long factors start."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from awqc.compiler.models.rope import inverse_frequencies
+
+    hf = with_rope(hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2), **PHI3_LONGROPE)
+    if spelling == "su":  # Phi-3-mini-128k's older name
+        hf["rope_scaling"]["type"] = "su"
+    if spelling == "attention-factor-given":
+        hf["rope_scaling"]["attention_factor"] = 1.5
+    if spelling == "transformers5":  # what transformers 5 writes back
+        hf = json.loads(json.dumps(load_with_transformers(hf, tmp_path).to_dict()))
+    cfg = config_from_hf(hf)
+    ref = load_with_transformers(hf, tmp_path)
+    inv, attention = ROPE_INIT_FUNCTIONS["longrope"](ref, None)
+    assert cfg.rope_scaling["rope_type"] == "longrope" and cfg.max_context == 64
+    assert cfg.rope_scaling["attention_factor"] == pytest.approx(attention, rel=1e-12)
+    assert attention == (1.5 if spelling == "attention-factor-given" else pytest.approx((1 + math.log(4) / math.log(64)) ** 0.5))
+    np.testing.assert_allclose(inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling["short_factor"]),
+                               inv.numpy(), rtol=1e-7)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"short_factor": SHORT[:-1]}, "rope_scaling.short_factor"),
+    ({"long_factor": [*LONG[:-1], 0.0]}, "a list of 8 positive numbers"),
+    ({"long_factor": None}, "rope_scaling.long_factor"),
+])
+def test_bad_longrope_is_refused(change: dict, message: str) -> None:
+    hf = with_rope(hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2), **PHI3_LONGROPE)
+    hf["rope_scaling"].update(change)
+    with pytest.raises(UnsupportedModelError, match=message):
+        config_from_hf(hf)
+
+
+def test_context_window_stops_before_the_long_factors() -> None:
+    from awqc.compiler.cli import context_window
+
+    cfg = config_from_hf(with_rope(hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2), **PHI3_LONGROPE))
+    assert context_window(None, cfg) == 64 and context_window(64, cfg) == 64
+    with pytest.raises(ValueError, match="original_max_position_embeddings .64.* use at most 64"):
+        context_window(65, cfg)
 
 
 # ------------------------------------------------------------------------------- Gemma 3

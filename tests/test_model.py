@@ -24,6 +24,11 @@ VARIANTS = {
     "qwen3-qk-norm": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=False),
     # q/k/v and gate/up fused in the checkpoint itself
     "phi3-fused-checkpoint": dict(model_type="phi3", pad_token_id=0),
+    # LongRoPE (Phi-3.5-mini's kind): per-pair short factors and the cos/sin scale sqrt(1 + ln 4 / ln 128)
+    "phi3-longrope": dict(model_type="phi3", pad_token_id=0, max_position_embeddings=512,
+                          original_max_position_embeddings=128, rope_scaling={
+                              "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                              "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 40.0]}),
     "llama3-rope": dict(model_type="llama", rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tvm import relax, te, tirx
+from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.core import wrap_nested
@@ -24,6 +24,7 @@ from tvm.target import Target
 
 from awqc.compiler.config import ModelConfig
 from awqc.compiler.models.llama.model import LlamaForCausalLM, export
+from awqc.compiler.models.rope import inverse_frequencies, rope
 
 
 class GemmaRMSNorm(nn.Module):
@@ -33,27 +34,6 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return op.rms_norm(x, self.weight + 1.0, axes=-1, epsilon=self.eps)
-
-
-def rope(x: Tensor, positions: Tensor, theta: float, position_scale: float) -> Tensor:
-    """x [b, s, heads, head_dim] rotated as transformers' rotate_half RoPE (first half of each
-    head against the second) at the token positions [b * s]; angles in float32."""
-    def compute(t: te.Tensor, pos: te.Tensor) -> te.Tensor:
-        s, d = t.shape[1], int(t.shape[3])
-        half = d // 2
-
-        def rotated(i, j, h, m):
-            exponent = tirx.Cast("float32", (m % half) * 2) / float(d)
-            angle = tirx.Cast("float32", pos[i * s + j]) * position_scale / tirx.power(tirx.const(theta, "float32"),
-                                                                                      exponent)
-            other = tirx.if_then_else(m < half, -t[i, j, h, m + half], t[i, j, h, m - half])
-            out = (tirx.Cast("float32", t[i, j, h, m]) * tirx.cos(angle)
-                   + tirx.Cast("float32", other) * tirx.sin(angle))
-            return tirx.Cast(t.dtype, out)
-
-        return te.compute(t.shape, rotated, name="rope")
-
-    return op.tensor_expr_op(compute, "rope", [x, positions])
 
 
 class Gemma3Attention(nn.Module):
@@ -74,7 +54,8 @@ class Gemma3Attention(nn.Module):
         theta = c.layer_rope_theta(self.layer)
         # linear RoPE scaling applies to the full-attention layers only (the sliding ones have none)
         scale = 1.0 if theta != c.rope_theta or not c.rope_scaling else 1.0 / c.rope_scaling["factor"]
-        q, k = (rope(norm(t), positions, theta, scale) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+        inv_freq = inverse_frequencies(c.head_dim, theta, position_scale=scale)
+        q, k = (rope(norm(t), positions, inv_freq) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
         o = kv.attention_with_fused_qkv(self.layer, op.concat([q, k, v], dim=2), nq, sm_scale=c.attention_scale)
         return self.o_proj(op.reshape(o, (b, s, nq * c.head_dim)))
 

@@ -1,6 +1,6 @@
 """Phi-3 / Phi-3.5-mini: the Llama computation (RMSNorm, SiLU-gated MLP, GQA, no biases) with
-q/k/v and gate/up fused in the checkpoint itself; only the weight map differs."""
-from awqc.compiler.models.llama.model import export_model
+q/k/v and gate/up fused in the checkpoint itself, and LongRoPE (model.py)."""
+from .model import export_model
 
 from .weights import HF_TAPS, checkpoint_names, checkpoint_parts, expected_shapes, hf_block_weights
 

@@ -1,0 +1,59 @@
+"""Phi-3 in Relax: Llama's computation; with LongRoPE (Phi-3 128k, Phi-3.5-mini) RoPE moves into
+the graph (compiler/models/rope.py), because its per-frequency factors and cos/sin scale are not
+among the KV cache's RoPE kinds."""
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.core import wrap_nested
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
+from tvm.target import Target
+
+from awqc.compiler.config import ModelConfig
+from awqc.compiler.models import llama
+from awqc.compiler.models.llama.model import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, export
+from awqc.compiler.models.rope import inverse_frequencies, rope
+
+
+class LongRopeAttention(LlamaAttention):
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, positions: Tensor) -> Tensor:
+        c = self.cfg
+        b, s, _ = x.shape
+        nq, nkv = c.num_attention_heads, c.num_key_value_heads
+        q, k, v = op.split(op.reshape(self.qkv_proj(x), (b, s, nq + 2 * nkv, c.head_dim)), [nq, nq + nkv], axis=2)
+        scaling = c.rope_scaling  # the short factors: awqc's context ends at original_max_position_embeddings
+        inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, scaling["short_factor"])
+        q, k = (rope(t, positions, inv_freq, scaling["attention_factor"]) for t in (q, k))
+        o = kv.attention_with_fused_qkv(layer_id, op.concat([q, k, v], dim=2), nq, sm_scale=c.attention_scale)
+        return self.o_proj(op.reshape(o, (b, s, nq * c.head_dim)))
+
+
+class LongRopeDecoderLayer(LlamaDecoderLayer):
+    attention = LongRopeAttention
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, positions: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LongRopeForCausalLM(LlamaForCausalLM):
+    layer = LongRopeDecoderLayer
+    rope_mode = RopeMode.NONE  # RoPE is in the graph
+
+    def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
+        b, s = input_ids.shape
+        x = wrap_nested(relax.op.take(self.embed_tokens.weight._expr, input_ids._expr, axis=0, mode="clip"), "take")
+        positions = kv.get_query_positions(b * s)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv, i, positions)
+        return self.norm(x)
+
+
+def export_model(cfg: ModelConfig, dtype: str, target: Target,
+                 separate_head: bool = False) -> tuple[Any, list[tuple[str, Any]]]:
+    """The Relax IRModule of the model and its parameter list (name, nn.Parameter) in call order."""
+    if cfg.rope_scaling.get("rope_type") != "longrope":
+        return llama.export_model(cfg, dtype, target, separate_head)
+    return export(LongRopeForCausalLM(cfg, dtype, target, separate_head))
