@@ -41,6 +41,8 @@ class ModelConfig:
     # and the RoPE base of the sliding layers (None: rope_theta in every layer).
     query_pre_attn_scalar: int | None = None
     rope_local_theta: float | None = None
+    # Phi-4-mini: RoPE rotates the first rotary_dim dimensions of each head (None: all of them)
+    rotary_dim: int | None = None
 
     @property
     def max_context(self) -> int:
@@ -249,17 +251,29 @@ def _attention_window(hf: dict[str, Any], model_type: str, layers: int,
 
 
 # ------------------------------------------------------------------------------- RoPE
-def _check_full_rotary(hf: dict[str, Any]) -> None:
-    """RoPE over the whole head (Phi-3's partial_rotary_factor 1.0): the KV cache's rotary kernels
-    rotate head_dim dimensions."""
-    params = hf.get("rope_parameters")
-    for where, holder in (("partial_rotary_factor", hf),
-                          ("rope_parameters.partial_rotary_factor", params if isinstance(params, dict) else {})):
-        factor = holder.get("partial_rotary_factor")
-        if factor is not None and factor != 1.0:
-            raise UnsupportedModelError(
-                f"config.json field {where!r} is {_show(factor)}: RoPE on part of each head is not supported; "
-                "supported: 1.0 (RoPE over the whole head)")
+def _rotary_dim(hf: dict[str, Any], model_type: str, head_dim: int) -> int | None:
+    """Dimensions of each head that RoPE rotates, as transformers reads partial_rotary_factor (the
+    RoPE dict's, else the top-level one, else 1.0); None for the whole head. Only Phi-3's model
+    (Phi-4-mini: 0.75) applies a partial rotation; two spellings that disagree are refused."""
+    stated = {}
+    for where, holder in (("partial_rotary_factor", hf), ("rope_parameters.partial_rotary_factor", hf.get("rope_parameters")),
+                          ("rope_scaling.partial_rotary_factor", hf.get("rope_scaling"))):
+        if isinstance(holder, dict) and holder.get("partial_rotary_factor") is not None:
+            stated[where] = _check_positive_float(where, holder["partial_rotary_factor"])
+    if len(set(stated.values())) > 1:
+        raise UnsupportedModelError(f"config.json states partial_rotary_factor as {stated}; make them agree or keep one")
+    factor = next(iter(stated.values()), 1.0)
+    if factor == 1.0:
+        return None
+    where = next(iter(stated))
+    if model_type != "phi3":
+        raise UnsupportedModelError(
+            f"config.json field {where!r} is {_show(factor)}: RoPE on part of each head is supported for phi3 "
+            f"(Phi-4-mini) only; {model_type} supports 1.0 (RoPE over the whole head)")
+    rotary = int(head_dim * factor)
+    if factor > 1.0 or rotary < 2 or rotary % 2:
+        raise _bad(where, factor, f"a fraction of head_dim {head_dim} that leaves an even number of rotated dimensions")
+    return rotary
 
 
 # transformers 5 (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict / standardize_rope_params in
@@ -303,8 +317,9 @@ def _rope_dict(hf: dict[str, Any], key: str) -> dict[str, Any] | None:
     return out
 
 
-def _rope(hf: dict[str, Any], model_type: str, head_dim: int, max_positions: int) -> tuple[float, dict[str, Any]]:
-    """RoPE theta and scaling as transformers resolves them (see above), validated."""
+def _rope(hf: dict[str, Any], model_type: str, rotary_dim: int, max_positions: int) -> tuple[float, dict[str, Any]]:
+    """RoPE theta and scaling as transformers resolves them (see above), validated; rotary_dim: the
+    dimensions of a head that RoPE rotates."""
     scaling, params = _rope_dict(hf, "rope_scaling"), _rope_dict(hf, "rope_parameters")
     if scaling is not None and params is not None:
         for k, v in params.items():
@@ -354,7 +369,7 @@ def _rope(hf: dict[str, Any], model_type: str, head_dim: int, max_positions: int
             f"config.json field {name!r} has rope_type {rope_type!r} but lacks {', '.join(missing)}; "
             f"{rope_type} RoPE needs {', '.join(_ROPE_KEYS[rope_type])}")
     if rope_type == "longrope":
-        return theta, _longrope(hf, rope, name, model_type, head_dim, max_positions)
+        return theta, _longrope(hf, rope, name, model_type, rotary_dim, max_positions)
     out: dict[str, Any] = {"rope_type": rope_type,
                            "factor": _check_positive_float(f"{name}.factor", rope["factor"])}
     if rope_type == "llama3":
@@ -370,7 +385,7 @@ def _rope(hf: dict[str, Any], model_type: str, head_dim: int, max_positions: int
     return theta, out
 
 
-def _longrope(hf: dict[str, Any], rope: dict[str, Any], name: str, model_type: str, head_dim: int,
+def _longrope(hf: dict[str, Any], rope: dict[str, Any], name: str, model_type: str, rotary_dim: int,
               max_positions: int) -> dict[str, Any]:
     """LongRoPE (Phi-3 128k, Phi-3.5): per-frequency factors and the cos/sin scale, as transformers'
     _compute_longrope_parameters derives them: original_max_position_embeddings from the config's top
@@ -379,11 +394,11 @@ def _longrope(hf: dict[str, Any], rope: dict[str, Any], name: str, model_type: s
     factors = {}
     for key in ("short_factor", "long_factor"):
         value = rope[key]
-        if (not isinstance(value, list) or len(value) != head_dim // 2
+        if (not isinstance(value, list) or len(value) != rotary_dim // 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
                            for v in value)):
-            raise _bad(f"{name}.{key}", value, f"a list of {head_dim // 2} positive numbers (one per rotated pair "
-                       f"of the head's {head_dim} dimensions)")
+            raise _bad(f"{name}.{key}", value, f"a list of {rotary_dim // 2} positive numbers (one per pair of "
+                       f"the {rotary_dim} dimensions RoPE rotates)")
         factors[key] = [float(v) for v in value]
     if model_type == "phi3" or "original_max_position_embeddings" in hf:
         original = _int(hf, "original_max_position_embeddings", 1, MAX_POSITIONS, default=4096)
@@ -465,12 +480,12 @@ def config_from_hf(hf: Any) -> ModelConfig:
             raise _bad("head_dim", head_dim, f"an even integer from 2 to {MAX_HEAD_DIM} (RoPE rotates pairs)")
     max_positions = _int(hf, "max_position_embeddings", 1, MAX_POSITIONS, default=2048)
     window, sliding = _attention_window(hf, model_type, layers, max_positions)
-    _check_full_rotary(hf)
+    rotary_dim = _rotary_dim(hf, model_type, head_dim)
     gemma = model_type == "gemma3_text"
     if gemma:
         theta, scaling, local_theta = _gemma3_rope(hf, head_dim, max_positions)
     else:
-        (theta, scaling), local_theta = _rope(hf, model_type, head_dim, max_positions), None
+        (theta, scaling), local_theta = _rope(hf, model_type, rotary_dim or head_dim, max_positions), None
     bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
     attention_bias = _bool(hf, "attention_bias", False)
     return ModelConfig(
@@ -496,6 +511,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         sliding_layers=sliding,
         query_pre_attn_scalar=_int(hf, "query_pre_attn_scalar", 1, 2**20, default=256) if gemma else None,
         rope_local_theta=local_theta if sliding else None,
+        rotary_dim=rotary_dim,
     )
 
 

@@ -109,7 +109,7 @@ def _load_gguf(path: Path) -> ImportedModel:
         raise ModelImportError(f"{path} is not a readable GGUF model ({type(err).__name__}: {err})") from None
     hf_cfg.setdefault("architectures", ["LlamaForCausalLM"])
     if hf_cfg.get("model_type") == "phi3":
-        _gguf_longrope(path, hf_cfg)
+        _gguf_phi3_rope(path, hf_cfg)
     cfg = config_from_hf(hf_cfg)
     names = family(cfg.model_type).checkpoint_names(cfg.num_hidden_layers)
     reader = _open(lambda: GGUFCheckpoint(path, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -120,32 +120,34 @@ def _load_gguf(path: Path) -> ImportedModel:
     return ImportedModel(cfg, weights, tokenizer, str(path))
 
 
-def _gguf_longrope(path: Path, hf_cfg: dict[str, Any]) -> None:
-    """LongRoPE of a Phi-3 GGUF into hf_cfg: llama.cpp's converter stores the factors as the tensors
-    rope_factors_short/long and the original context and cos/sin scale as metadata, which
-    transformers' GGUF config reader does not map (it would give plain RoPE)."""
+def _gguf_phi3_rope(path: Path, hf_cfg: dict[str, Any]) -> None:
+    """A Phi-3 GGUF's RoPE into hf_cfg, where transformers' GGUF config reader maps none of it (it
+    would give plain RoPE over the whole head): llama.cpp's converter stores the rotated dimensions
+    (Phi-4-mini: 3/4 of each head) as rope.dimension_count, LongRoPE's factors as the tensors
+    rope_factors_short/long, and its original context and cos/sin scale as metadata."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
-        tensors = {t.name: t for t in reader.tensors}
-        if "rope_factors_short.weight" not in tensors:
-            return
-        factors = {f"{kind}_factor": [float(v) for v in np.asarray(tensors[f"rope_factors_{kind}.weight"].data,
-                                                                    np.float32).ravel()]
-                   for kind in ("short", "long")}
-        fields = reader.fields
-        original = fields.get("phi3.rope.scaling.original_context_length")
-        attention = fields.get("phi3.rope.scaling.attn_factor")
-        rope = {k: v for k, v in (hf_cfg.get("rope_parameters") or {}).items() if k in ("rope_theta", "partial_rotary_factor")}
-        rope.update(rope_type="longrope", **factors)
-        if attention is not None:
-            rope["attention_factor"] = float(attention.contents())
+        fields, tensors = reader.fields, {t.name: t for t in reader.tensors}
+        rope = dict(hf_cfg.get("rope_parameters") or {})
+        dims = fields.get("phi3.rope.dimension_count")
+        head_dim = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
+        if dims is not None and int(dims.contents()) != head_dim:
+            hf_cfg["partial_rotary_factor"] = rope["partial_rotary_factor"] = int(dims.contents()) / head_dim
+        if "rope_factors_short.weight" in tensors:
+            for kind in ("short", "long"):
+                data = np.asarray(tensors[f"rope_factors_{kind}.weight"].data, np.float32).ravel()
+                rope[f"{kind}_factor"] = [float(v) for v in data]
+            rope["rope_type"] = "longrope"
+            if fields.get("phi3.rope.scaling.attn_factor") is not None:
+                rope["attention_factor"] = float(fields["phi3.rope.scaling.attn_factor"].contents())
+            if fields.get("phi3.rope.scaling.original_context_length") is not None:
+                hf_cfg["original_max_position_embeddings"] = int(
+                    fields["phi3.rope.scaling.original_context_length"].contents())
         hf_cfg["rope_parameters"], hf_cfg["rope_scaling"] = rope, None
-        if original is not None:
-            hf_cfg["original_max_position_embeddings"] = int(original.contents())
-    except (KeyError, ValueError, TypeError) as err:
-        raise ModelImportError(f"{path}: its LongRoPE factors cannot be read ({type(err).__name__}: {err})") from None
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as err:
+        raise ModelImportError(f"{path}: its RoPE metadata cannot be read ({type(err).__name__}: {err})") from None
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

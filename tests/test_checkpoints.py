@@ -134,7 +134,9 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else rope["rope_theta"])
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
-    if rope.get("rope_type") == "longrope":  # llama.cpp's Phi-3 converter: factors as tensors
+    if arch == "phi3":  # llama.cpp's Phi-3 converter: the rotated dimensions, LongRoPE's factors as tensors
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type") == "longrope":
         w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
         scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(cfg.original_max_position_embeddings)))
@@ -161,16 +163,17 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     return out
 
 
-def test_longrope_gguf_reads_its_factors(tmp_path: Path) -> None:
-    """A LongRoPE Phi-3 GGUF as llama.cpp's converter writes it (factors as tensors, the original
-    context and cos/sin scale as metadata, none of which transformers' GGUF config reader maps):
-    awqc's RoPE is the checkpoint's, not plain RoPE."""
+def test_phi3_gguf_reads_its_rope(tmp_path: Path) -> None:
+    """A Phi-4-mini-like GGUF as llama.cpp's converter writes it (the rotated dimensions and
+    LongRoPE's original context and cos/sin scale as metadata, its factors as tensors; none of
+    which transformers' GGUF config reader maps): awqc's RoPE is the checkpoint's, not plain RoPE."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    short, long = [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8], [1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 40.0]
+    short, long = [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], [1.0, 2.0, 4.0, 8.0, 16.0, 24.0]  # Phi-4-mini: 3/4 of 16 rotated
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "phi3", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=64,
+        partial_rotary_factor=0.75,
         rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long}, pad_token_id=0)).eval()
     cfg = load_model(str(_gguf_of(hf, "phi3", tmp_path / "phi3.gguf"))).config
     rope = cfg.rope_scaling
@@ -178,7 +181,7 @@ def test_longrope_gguf_reads_its_factors(tmp_path: Path) -> None:
     for kind, want in (("short", short), ("long", long)):  # stored as float32, as RoPE computes with them
         np.testing.assert_array_equal(np.float32(rope[f"{kind}_factor"]), np.float32(want))
     assert rope["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(4) / math.log(64)), rel=1e-6)
-    assert cfg.max_context == 64 and cfg.max_position_embeddings == 256
+    assert cfg.max_context == 64 and cfg.max_position_embeddings == 256 and cfg.rotary_dim == 12
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gemma3_text"])

@@ -317,9 +317,38 @@ def test_sliding_window_is_where_transformers_slides(name: str, tmp_path: Path) 
     assert config_from_hf(hf).sliding_window == (ref.sliding_window if slides else None)
 
 
-def test_partial_rotary_is_refused() -> None:
-    hf = hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75)
-    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor.* is 0.75: RoPE on part of each head"):
+def test_partial_rotary_is_refused_outside_phi3() -> None:
+    hf = hf_dict("qwen3", head_dim=24)
+    hf["rope_parameters"]["partial_rotary_factor"] = 0.75
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor.* is 0.75: RoPE on part of each head is "
+                                                    "supported for phi3"):
+        config_from_hf(hf)
+
+
+@pytest.mark.parametrize("factor,rotary", [(0.75, 12), (0.5, 8), (1.0, None)])
+def test_phi3_partial_rotary_matches_transformers(factor: float, rotary: int | None, tmp_path: Path) -> None:
+    """Phi-4-mini's partial rotation: the rotated dimensions are transformers' own (the size of the
+    cos its rotary embedding makes)."""
+    import torch
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    hf = hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=factor)
+    cfg = config_from_hf(hf)
+    cos, _ = Phi3RotaryEmbedding(load_with_transformers(hf, tmp_path))(torch.zeros(1, 3, 64), torch.arange(3)[None])
+    assert cfg.rotary_dim == rotary and (cfg.rotary_dim or cfg.head_dim) == cos.shape[-1]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"partial_rotary_factor": 0.6}, "leaves an even number"),
+    ({"partial_rotary_factor": 1.5}, "leaves an even number"),
+    ({"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.75}}, "make them agree"),
+])
+def test_bad_partial_rotary_is_refused(change: dict, message: str) -> None:
+    hf = {**hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2), **change}
+    if "rope_parameters" not in change:
+        hf["rope_parameters"] = {k: v for k, v in hf["rope_parameters"].items() if k != "partial_rotary_factor"}
+    with pytest.raises(UnsupportedModelError, match=message):
         config_from_hf(hf)
 
 

@@ -29,6 +29,13 @@ VARIANTS = {
                           original_max_position_embeddings=128, rope_scaling={
                               "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
                               "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 24.0, 32.0, 40.0]}),
+    # Phi-4-mini's kind: RoPE on the first half of each head only (transformers' partial_rotary_factor),
+    # with LongRoPE factors for those 4 pairs
+    "phi3-partial-longrope": dict(model_type="phi3", pad_token_id=0, partial_rotary_factor=0.5,
+                                  max_position_embeddings=512, original_max_position_embeddings=128, rope_scaling={
+                                      "type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3],
+                                      "long_factor": [1.0, 4.0, 16.0, 40.0]}),
+    "phi3-partial": dict(model_type="phi3", pad_token_id=0, partial_rotary_factor=0.75, head_dim=16),
     "llama3-rope": dict(model_type="llama", rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}),

@@ -22,20 +22,23 @@ def inverse_frequencies(head_dim: int, theta: float, factors: Sequence[float] | 
 
 
 def rope(x: Tensor, positions: Tensor, inv_freq: np.ndarray, attention_factor: float = 1.0) -> Tensor:
-    """x [b, s, heads, head_dim] rotated as transformers' rotate_half RoPE (first half of each head
-    against the second) at the token positions [b * s]; cos and sin in float32, times
-    attention_factor (LongRoPE's)."""
+    """x [b, s, heads, head_dim] rotated as transformers' rotate_half RoPE at the token positions
+    [b * s]: the first 2 * len(inv_freq) dimensions of each head (all of them, or Phi-4-mini's
+    partial rotation), first half against second half, the rest passed through; cos and sin in
+    float32, times attention_factor (LongRoPE's)."""
     freqs = Tensor.from_const(np.asarray(inv_freq, np.float32))
+    half = len(inv_freq)
 
     def compute(t: te.Tensor, pos: te.Tensor, inv: te.Tensor) -> te.Tensor:
-        s, half = t.shape[1], int(t.shape[3]) // 2
+        s = t.shape[1]
 
         def rotated(i, j, h, m):
-            angle = tirx.Cast("float32", pos[i * s + j]) * inv[m % half]
-            other = tirx.if_then_else(m < half, -t[i, j, h, m + half], t[i, j, h, m - half])
+            angle = tirx.Cast("float32", pos[i * s + j]) * inv[tirx.truncmod(m, half)]
+            other = tirx.if_then_else(m < half, -t[i, j, h, tirx.min(m + half, 2 * half - 1)],
+                                      t[i, j, h, tirx.max(m - half, 0)])
             cos, sin = (tirx.cos(angle) * attention_factor, tirx.sin(angle) * attention_factor)
-            out = tirx.Cast("float32", t[i, j, h, m]) * cos + tirx.Cast("float32", other) * sin
-            return tirx.Cast(t.dtype, out)
+            out = tirx.Cast(t.dtype, tirx.Cast("float32", t[i, j, h, m]) * cos + tirx.Cast("float32", other) * sin)
+            return tirx.if_then_else(m < 2 * half, out, t[i, j, h, m])
 
         return te.compute(t.shape, rotated, name="rope")
 
