@@ -80,28 +80,33 @@ def from_gemm(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray
 
 
 # ------------------------------------------------------------------------------- names
-# AutoAWQ quantizes q/k/v and gate/up as separate linears in these families; Phi-3 fuses them
-# (one qkv_proj), a layout this module does not read or write yet.
+# AutoAWQ quantizes q/k/v and gate/up as separate linears in these families, and as the fused
+# qkv_proj and gate_up_proj that Phi-3's checkpoint itself holds (AutoAWQ's Phi3AWQForCausalLM).
 _SEPARATE_LINEARS = ("llama", "mistral", "qwen2", "qwen3")
+_FUSED_LINEARS = ("phi3",)
 
 
 def _check_layout(cfg: ModelConfig) -> None:
-    if cfg.model_type not in _SEPARATE_LINEARS:
+    if cfg.model_type not in _SEPARATE_LINEARS + _FUSED_LINEARS:
         raise AutoAWQError(f"AutoAWQ checkpoints of model_type {cfg.model_type!r} are not supported; supported: "
-                           f"{', '.join(_SEPARATE_LINEARS)} (compile the float checkpoint with --quant awq-… instead)")
+                           f"{', '.join(_SEPARATE_LINEARS + _FUSED_LINEARS)} (compile the float checkpoint with "
+                           "--quant awq-… instead)")
 
 
 def _linears(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, int, int]]:
     """HF linear prefix → (awqc fused weight name, N, K) for one decoder layer."""
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     a, m = f"layers.{layer}.self_attn", f"layers.{layer}.mlp"
+    o_down = {f"{a}.o_proj": (f"{a}.o_proj.weight", h, cfg.num_attention_heads * hd),
+              f"{m}.down_proj": (f"{m}.down_proj.weight", h, i)}
+    if cfg.model_type in _FUSED_LINEARS:
+        return {f"{a}.qkv_proj": (f"{a}.qkv_proj.weight", cfg.qkv_dim, h),
+                f"{m}.gate_up_proj": (f"{m}.gate_up_proj.weight", 2 * i, h), **o_down}
     return {f"{a}.q_proj": (f"{a}.qkv_proj.weight", cfg.num_attention_heads * hd, h),
             f"{a}.k_proj": (f"{a}.qkv_proj.weight", cfg.kv_dim, h),
             f"{a}.v_proj": (f"{a}.qkv_proj.weight", cfg.kv_dim, h),
-            f"{a}.o_proj": (f"{a}.o_proj.weight", h, cfg.num_attention_heads * hd),
             f"{m}.gate_proj": (f"{m}.gate_up_proj.weight", i, h),
-            f"{m}.up_proj": (f"{m}.gate_up_proj.weight", i, h),
-            f"{m}.down_proj": (f"{m}.down_proj.weight", h, i)}
+            f"{m}.up_proj": (f"{m}.gate_up_proj.weight", i, h), **o_down}
 
 
 # ------------------------------------------------------------------------------- reading
@@ -251,6 +256,13 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         out["attention_bias"] = cfg.attention_bias
     if cfg.model_type == "gemma3_text":
         return _gemma3_hf_config(cfg, out)
+    if cfg.rotary_dim is not None:  # Phi-4-mini
+        out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    if cfg.rope_scaling.get("rope_type") == "longrope":  # Phi3Config reads the original window at the top level
+        r = cfg.rope_scaling
+        out["rope_scaling"] = {"rope_type": "longrope", "short_factor": r["short_factor"],
+                               "long_factor": r["long_factor"], "attention_factor": r["attention_factor"]}
+        out["original_max_position_embeddings"] = r["original_max_position_embeddings"]
     if cfg.model_type == "mistral":  # Mistral slides in every layer whenever sliding_window is set
         out["sliding_window"] = cfg.sliding_window
     elif cfg.sliding_window is not None:  # Qwen: layer_types says which layers slide

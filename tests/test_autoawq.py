@@ -121,6 +121,10 @@ def test_eval_reads_an_autoawq_checkpoint(exported: Path, model, tmp_path: Path,
 @pytest.mark.parametrize("model_type,kw", [
     ("llama", dict(attention_bias=True)), ("mistral", dict(sliding_window=48)), ("qwen2", {}),
     ("qwen3", dict(head_dim=24)), ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Phi-4-mini's kind: partial RoPE and LongRoPE
+    ("phi3", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75,
+                  original_max_position_embeddings=64, rope_scaling={
+        "type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.3], "long_factor": [1.0, 2, 4, 8, 16, 32]})),
     ("gemma3_text", dict(head_dim=32, sliding_window=48, query_pre_attn_scalar=24, rope_scaling={
         "rope_type": "linear", "factor": 4.0}, rope_local_base_freq=20000.0)),
 ])
@@ -141,12 +145,36 @@ def test_config_json_round_trips(model_type: str, kw: dict) -> None:
     assert model_type != "mistral" or cfg.sliding_window == 48
 
 
-def test_phi3_autoawq_is_refused_before_writing(tmp_path: Path) -> None:
+def test_phi3_round_trips_in_autoawqs_fused_layout(tmp_path: Path) -> None:
+    """AutoAWQ's Phi-3 layout quantizes the checkpoint's own fused qkv_proj and gate_up_proj: awqc
+    writes them so (checked with the independent dequantizer) and reads them back bit-exact."""
+    from awqc.compiler.awq import quantize_model
+
+    model = load_model(str(make_checkpoint(tmp_path / "ckpt", model_type="phi3", pad_token_id=0,
+                                           tie_word_embeddings=False)))
+    qw = quantize_model(model, "rtn", QuantScheme(group_size=32))
+    out = write_autoawq(tmp_path / "awq", model.config, qw, model.tokenizer)
+    t = load_file(str(out / "model.safetensors"))
+    p = "model.layers.0"
+    assert {f"{p}.self_attn.qkv_proj.qweight", f"{p}.mlp.gate_up_proj.qweight"} <= set(t)
+    assert not any(".q_proj." in k or ".gate_proj." in k for k in t)
+    w = model.weights["layers.0.self_attn.qkv_proj.weight"]
+    deq = _reference_dequant(t[f"{p}.self_attn.qkv_proj.qweight"], t[f"{p}.self_attn.qkv_proj.qzeros"],
+                             t[f"{p}.self_attn.qkv_proj.scales"], 32).T
+    assert deq.shape == w.shape and np.abs(deq - w).max() < 0.6 * np.abs(w).max() / 15 * 2  # within RTN's step
+    cfg, back = read_autoawq(out)
+    assert cfg == model.config
+    for name, (q, scale, zero) in qw.quantized.items():
+        q2, scale2, zero2 = back.quantized[name]
+        assert torch.equal(q2, q) and torch.equal(zero2, zero) and torch.equal(scale2, scale.half().float()), name
+
+
+def test_unsupported_family_is_refused_before_writing(tmp_path: Path) -> None:
     from awqc.compiler.autoawq import AutoAWQError, write_autoawq
     from awqc.compiler.awq import quantize_model
 
-    model = load_model(str(make_checkpoint(tmp_path / "ckpt", model_type="phi3", pad_token_id=0)))
+    model = load_model(str(make_checkpoint(tmp_path / "ckpt", model_type="gemma3_text", head_dim=32)))
     qw = quantize_model(model, "rtn", QuantScheme(group_size=32))
-    with pytest.raises(AutoAWQError, match="model_type 'phi3' are not supported"):
+    with pytest.raises(AutoAWQError, match="model_type 'gemma3_text' are not supported"):
         write_autoawq(tmp_path / "out", model.config, qw)
     assert not (tmp_path / "out").exists()
