@@ -31,7 +31,8 @@ def _hf_linear_inputs(ckpt: Path, samples: list[list[int]]) -> dict[str, torch.T
 
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     acts: dict[str, list[torch.Tensor]] = {}
-    names = {"q_proj": "qkv_proj", "o_proj": "o_proj", "gate_proj": "gate_up_proj", "down_proj": "down_proj"}
+    names = {"q_proj": "qkv_proj", "o_proj": "o_proj", "gate_proj": "gate_up_proj", "down_proj": "down_proj",
+             "qkv_proj": "qkv_proj", "gate_up_proj": "gate_up_proj"}  # Phi-3 fuses them in the checkpoint
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in names:
@@ -60,6 +61,20 @@ def test_statistics_past_a_sliding_window_match_transformers(tmp_path: Path) -> 
     for name, x in _hf_linear_inputs(ckpt, SAMPLES).items():
         torch.testing.assert_close(stats.of(name).abs_mean, x.abs().mean(0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stats.of(name).gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_with_phi4_mini_rope_match_transformers(tmp_path: Path) -> None:
+    """Partial RoPE with LongRoPE factors (Phi-4-mini's kind): calibration's blocks rotate as
+    transformers does (a different rotation shows in layer 1's inputs)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=5, model_type="phi3", pad_token_id=0, partial_rotary_factor=0.5,
+                           max_position_embeddings=512, original_max_position_embeddings=128, rope_scaling={
+                               "type": "longrope", "short_factor": [1.0, 1.4, 2.1, 3.3],
+                               "long_factor": [1.0, 4.0, 16.0, 40.0]})
+    stats = calibrate(load_model(str(ckpt)), SAMPLES, gram_tokens=None, progress=False)
+    acts = _hf_linear_inputs(ckpt, SAMPLES)
+    assert len(acts) == 8
+    for name, x in acts.items():
+        torch.testing.assert_close(stats.of(name).abs_mean, x.abs().mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_gram_subsampling(tiny_ckpt: Path) -> None:
