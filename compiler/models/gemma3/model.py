@@ -15,10 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
@@ -99,7 +97,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
         b, s = input_ids.shape
-        x = wrap_nested(relax.op.take(self.embed_tokens.weight._expr, input_ids._expr, axis=0, mode="clip"), "take")
+        x = self.embed(input_ids)
         # transformers rounds sqrt(hidden) to the weights' dtype before multiplying
         x = x * math.sqrt(self.cfg.hidden_size)
         positions = kv.get_query_positions(b * s)

@@ -88,10 +88,13 @@ class LlamaForCausalLM(nn.Module):
         if not self.tied:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
 
-    def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
+    def embed(self, input_ids: Tensor) -> Tensor:
         # mode "clip": a token id past the vocabulary reads the last row instead of memory outside
         # the table (TVM's default "fast" mode does no bounds check, and warns so at every compile)
-        x = wrap_nested(relax.op.take(self.embed_tokens.weight._expr, input_ids._expr, axis=0, mode="clip"), "take")
+        return wrap_nested(relax.op.take(self.embed_tokens.weight._expr, input_ids._expr, axis=0, mode="clip"), "take")
+
+    def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
+        x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, kv, i)
         return self.norm(x)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import relax
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
@@ -46,7 +44,7 @@ class GraphRopeForCausalLM(LlamaForCausalLM):
 
     def _hidden(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
         b, s = input_ids.shape
-        x = wrap_nested(relax.op.take(self.embed_tokens.weight._expr, input_ids._expr, axis=0, mode="clip"), "take")
+        x = self.embed(input_ids)
         positions = kv.get_query_positions(b * s)
         for i, layer in enumerate(self.layers):
             x = layer(x, kv, i, positions)
