@@ -72,3 +72,13 @@ def test_run_refuses_another_python(payload: Path, tmp_path: Path) -> None:
     proc = subprocess.run([REPO / "bench" / "gpu" / "run.sh", payload, tmp_path / "out"], capture_output=True,
                           text=True, env={**clean_env(), "PYTHON": str(fake)})
     assert proc.returncode == 2 and "built for Python" in proc.stderr
+
+
+def test_prepare_refuses_a_directory_that_is_not_a_payload(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, REPO / "bench" / "gpu" / "prepare.py", "--dry-run", "-o", tmp_path / "mine",
+                           "--work", tmp_path / "work"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a GPU payload" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

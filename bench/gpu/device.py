@@ -338,9 +338,11 @@ def machine(kind: str) -> dict:
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "torch": torch.__version__, "tvm": tvm.__version__, "cpu": platform.processor() or platform.machine()}
     if kind == "cuda":
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        info["gpu"] = smi.stdout.strip()
+        info["gpu"] = torch.cuda.get_device_name()
+        if shutil.which("nvidia-smi"):  # the driver version; torch knows only its own CUDA's
+            info["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                capture_output=True, text=True).stdout.strip()
         info["cuda_torch"] = torch.version.cuda
     return info
 

@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,23 +158,31 @@ def tiny_model(root: Path, dry: bool) -> Path:
 
 
 def big_model(root: Path, name: str, shape: str, quant: str | None, dry: bool) -> dict:
-    """An artifact of `shape` compiled as users do (`awqc compile`), then its weights file replaced by
-    its header (weights_header.json): the device regenerates random weights of that layout."""
+    """An artifact of `shape` compiled as users do (`awqc compile`, its time and peak RSS recorded),
+    then its weights file replaced by its header, kept byte for byte (weights_header.json): the
+    device regenerates random weights of that layout."""
     ckpt = root / f"{shape}-ckpt"
-    if not ckpt.is_dir():
-        synthetic.write(shape, ckpt)
+    if not ckpt.is_dir():  # written beside and renamed, so an interrupted write is not reused
+        partial = root / f"{shape}-ckpt.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        synthetic.write(shape, partial).rename(ckpt)
     art = root / name
     cmd = [sys.executable, "-m", "awqc.compiler.cli", "compile", "--model", str(ckpt), "--target",
            "host" if dry else TARGET, "--dtype", "float32" if dry else "float16", "--context-window", str(CONTEXT),
            "-o", str(art), *(["--quant", quant] if quant else [])]
-    subprocess.run(["/usr/bin/time", "-v", *cmd], check=True)
+    start = time.perf_counter()
+    _, status, usage = os.wait4(subprocess.Popen(cmd).pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+    compile_s = time.perf_counter() - start
     weights = art / "weights.safetensors"
     with open(weights, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    (art / "weights_header.json").write_text(json.dumps(header))
+        header = f.read(size)
+    (art / "weights_header.json").write_bytes(header)
     weights.unlink()
-    return {"dir": name, "shape": shape, "quant": quant or "float", "weights_bytes": weights_size(header)}
+    return {"dir": name, "shape": shape, "quant": quant or "float", "weights_bytes": weights_size(json.loads(header)),
+            "compile_s": round(compile_s, 1), "compile_peak_rss_mib": round(usage.ru_maxrss / 1024)}
 
 
 def weights_size(header: dict) -> int:
@@ -195,20 +205,36 @@ def ffi_wheel(cache: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--output", type=Path, required=True, help="payload directory to write (replaced)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="payload directory to write (an earlier payload there is replaced)")
     p.add_argument("--dry-run", action="store_true", help="a payload for this CPU, to rehearse run.sh here")
     p.add_argument("--work", type=Path, default=REPO / ".cache" / "gpu-work",
                    help="checkpoints and full artifacts (kept: ~20 GB for the 7B shapes)")
     args = p.parse_args()
-    from awqc.compiler.bundle import make_bundle
-
-    dry, out = args.dry_run, args.output
+    dry, final = args.dry_run, args.output
+    if final.exists() and not (final / "payload.json").is_file():
+        p.error(f"{final} exists and is not a GPU payload (no payload.json); choose another -o")
+    out = final.parent / f".{final.name}.partial"  # renamed into place at the end: a failure leaves no payload
     work = args.work / ("dry" if dry else "device")
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(work / "tiny-host", ignore_errors=True)
-    shutil.rmtree(work / "tiny-cuda", ignore_errors=True)
+    for stale in (out, work / "tiny-host", work / "tiny-cuda"):
+        shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True)
+    try:
+        write_payload(out, work, dry)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
+    mib = sum(f.stat().st_size for f in final.rglob("*") if f.is_file()) / 2**20
+    print(f"{final}: {mib:.1f} MiB")
+    return 0
+
+
+def write_payload(out: Path, work: Path, dry: bool) -> None:
+    from awqc.compiler.bundle import make_bundle
+
     timing = DRY_TIMING_SHAPES if dry else TIMING_SHAPES
     build_kernels(out / "kernels", [*[(k, n, GROUP) for k, n in timing], *CHECK_SHAPES], dry)
     checks = check_data(out / "kernels")
@@ -220,6 +246,7 @@ def main() -> int:
     for name, quant in (("llama7b-w4", "rtn-w4g128"), ("llama7b-f16", None)):
         shutil.rmtree(work / name, ignore_errors=True)
         models.append(big_model(work, name, shape, quant, dry))
+        print(f"{name}: compiled in {models[-1]['compile_s']} s, peak RSS {models[-1]['compile_peak_rss_mib']} MiB")
         shutil.copytree(work / name, out / name)
     cfg = synthetic.config(shape)
     payload = {
@@ -231,9 +258,6 @@ def main() -> int:
         "checks": checks, "models": models, "model_config": cfg, "context_window": CONTEXT,
     }
     (out / "payload.json").write_text(json.dumps(payload, indent=1))
-    mib = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
-    print(f"{out}: {mib:.1f} MiB")
-    return 0
 
 
 if __name__ == "__main__":
