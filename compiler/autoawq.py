@@ -254,8 +254,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.model_type in ("llama", "qwen3"):  # Qwen2's q/k/v biases are implied by its type
         out["attention_bias"] = cfg.attention_bias
-    if cfg.model_type == "gemma3_text":
-        return _gemma3_hf_config(cfg, out)
+    if cfg.model_type in ("gemma2", "gemma3_text"):
+        return _gemma_hf_config(cfg, out)
     if cfg.rotary_dim is not None:  # Phi-4-mini
         out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
     if cfg.rope_scaling.get("rope_type") == "longrope":  # Phi3Config reads the original window at the top level
@@ -272,16 +272,18 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _gemma3_hf_config(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
-    """hf_config's Gemma 3 fields, as transformers 5 writes Gemma3TextConfig."""
+def _gemma_hf_config(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """hf_config's Gemma fields, as transformers 5 writes Gemma2Config and Gemma3TextConfig (whose
+    rope_parameters are keyed by layer type)."""
     del out["hidden_act"], out["rope_theta"], out["rope_scaling"]
     kinds = ["sliding_attention" if i in cfg.sliding_layers else "full_attention" for i in range(cfg.num_hidden_layers)]
     full = {"rope_type": "default", **cfg.rope_scaling, "rope_theta": cfg.rope_theta}
     local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    rope = full if cfg.model_type == "gemma2" else {"full_attention": full, "sliding_attention": local}
     out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.attention_bias,
                query_pre_attn_scalar=cfg.query_pre_attn_scalar, sliding_window=cfg.sliding_window,
-               layer_types=kinds, rope_parameters={"full_attention": full, "sliding_attention": local},
-               attn_logit_softcapping=None, final_logit_softcapping=None)
+               layer_types=kinds, rope_parameters=rope, attn_logit_softcapping=cfg.attn_logit_softcapping,
+               final_logit_softcapping=cfg.final_logit_softcapping)
     return out
 
 

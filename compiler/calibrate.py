@@ -141,7 +141,8 @@ def _family(cfg: ModelConfig):
 
     hf = hf_config(cfg)
     config = AutoConfig.for_model(**hf)
-    config._attn_implementation = "sdpa"  # causal when no mask is given
+    # sdpa is causal when no mask is given; it cannot soft-cap scores (Gemma 2), eager can, given masks
+    config._attn_implementation = "sdpa" if cfg.attn_logit_softcapping is None else "eager"
     arch = hf["architectures"][0]
     prefix = arch.removesuffix("ForCausalLM")
     module = importlib.import_module(getattr(transformers, arch).__module__)
@@ -240,13 +241,15 @@ class BlockProbe:
 _LAYER_TYPES = ("sliding_attention", "full_attention")  # transformers' layer_types
 
 
-def _window_mask(t: int, window: int, device: torch.device) -> torch.Tensor | None:
-    """[1, 1, t, t] boolean mask of sliding-window attention (position q sees k when
-    q - window < k <= q), or None where a sample fits the window and causal attention is the same."""
-    if t <= window:
-        return None
+def _attention_mask(t: int, window: int | None, eager: bool, device: torch.device) -> torch.Tensor | None:
+    """[1, 1, t, t] mask of causal attention within `window` positions (None: unbounded): position
+    q sees k when q - window < k <= q. sdpa takes it boolean, or None for plain causal attention
+    (a window at least t long is that); eager attention adds it to the scores."""
     q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
-    return ((k <= q) & (k > q - window))[None, None].to(device)
+    visible = (k <= q) & (k > q - (window or t))
+    if not eager:
+        return None if window is None or t <= window else visible[None, None].to(device)
+    return torch.zeros(t, t).masked_fill_(~visible, torch.finfo(torch.float32).min)[None, None].to(device)
 
 
 class BlockCalibrator:
@@ -267,6 +270,7 @@ class BlockCalibrator:
             raise CalibrationError(f"calibration token ids reach {ids.max()}, past the model's vocabulary of "
                                    f"{self.cfg.vocab_size}; the tokenizer does not belong to this model")
         self.hidden = torch.from_numpy(model.weights["embed_tokens.weight"][ids])  # [samples, tokens, hidden]
+        self.hidden *= self._weight_map.embedding_scale(self.cfg)
         n, t = ids.shape
         # The hidden states stay in host memory; each batch visits the device (a 7B model's
         # 128 samples are 1 GiB of them).
@@ -276,7 +280,9 @@ class BlockCalibrator:
             ropes = ({None: rotary(self.hidden[:1], positions)} if self.cfg.rope_local_theta is None else
                      {kind: rotary(self.hidden[:1], positions, kind) for kind in _LAYER_TYPES})
         self._rope = {kind: tuple(r.to(self.device) for r in rope) for kind, rope in ropes.items()}
-        self._window_mask = None if self.cfg.sliding_window is None else _window_mask(t, self.cfg.sliding_window, self.device)
+        eager = self._hf._attn_implementation == "eager"
+        self._masks = {sliding: _attention_mask(t, self.cfg.sliding_window if sliding else None, eager, self.device)
+                       for sliding in (False, True)}
         gen = torch.Generator().manual_seed(seed)
         self._rows = None
         if gram_tokens is not None and gram_tokens < t:
@@ -329,9 +335,8 @@ class BlockCalibrator:
                     lambda _m, args, kwargs, output, name=name: (
                         probe.record(name, args, kwargs, output) if current["start"] in kept else None),
                     with_kwargs=True))
-        # no mask: sdpa's causal attention
         sliding = i in self.cfg.sliding_layers
-        mask = self._window_mask if sliding else None
+        mask = self._masks[sliding]
         rope = self._rope[None if self.cfg.rope_local_theta is None else _LAYER_TYPES[not sliding]]
         t0 = time.perf_counter()
         try:

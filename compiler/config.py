@@ -43,6 +43,9 @@ class ModelConfig:
     rope_local_theta: float | None = None
     # Phi-4-mini: RoPE rotates the first rotary_dim dimensions of each head (None: all of them)
     rotary_dim: int | None = None
+    # Gemma 2: attention scores and the final logits soft-capped to cap * tanh(x / cap) (None: not)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
 
     @property
     def max_context(self) -> int:
@@ -181,8 +184,8 @@ def _check_supported(hf: dict[str, Any]) -> str:
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model_type {_show(model_type)} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if model_type == "gemma3_text":
-        _check_gemma3(hf)
+    if model_type in GEMMA:
+        _check_gemma(hf, model_type)
     else:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
@@ -192,30 +195,34 @@ def _check_supported(hf: dict[str, Any]) -> str:
     return model_type
 
 
-def _check_gemma3(hf: dict[str, Any]) -> None:
-    """The Gemma 3 options awqc computes: tanh GELU, causal attention, no logit soft-capping."""
+def _check_gemma(hf: dict[str, Any], model_type: str) -> None:
+    """The Gemma options awqc computes: tanh GELU, causal attention."""
     act = hf.get("hidden_activation", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
-        raise UnsupportedModelError(f"hidden_activation {_show(act)} is not supported; Gemma 3 uses 'gelu_pytorch_tanh'")
-    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if hf.get(field) is not None:
-            raise UnsupportedModelError(
-                f"config.json field {field!r} is {_show(hf[field])}: logit soft-capping (Gemma 2) is not supported; "
-                "supported: null")
-    if _bool(hf, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"hidden_activation {_show(act)} is not supported; {GEMMA[model_type]} uses "
+                                    "'gelu_pytorch_tanh'")
+    if hf.get("use_bidirectional_attention") is not None and _bool(hf, "use_bidirectional_attention", False):
         raise UnsupportedModelError("use_bidirectional_attention=true is not supported; supported: causal attention")
 
 
-GEMMA3_WINDOW = 4096  # transformers' Gemma3TextConfig defaults
-GEMMA3_PATTERN = 6
+def _softcap(hf: dict[str, Any], key: str) -> float | None:
+    return None if hf.get(key) is None else _check_positive_float(key, hf[key])
 
 
-def _gemma3_layer_types(hf: dict[str, Any], layers: int) -> list[str]:
-    """layer_types as Gemma3TextConfig derives them when absent: every sliding_window_pattern-th
-    layer attends fully, the others slide."""
+GEMMA = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+GEMMA_WINDOW = 4096  # transformers' Gemma2Config and Gemma3TextConfig defaults
+GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+
+
+def _gemma_layer_types(hf: dict[str, Any], model_type: str, layers: int) -> list[str]:
+    """layer_types as Gemma2Config / Gemma3TextConfig derive them when absent: every pattern-th
+    layer attends fully (Gemma 2: every 2nd; Gemma 3: sliding_window_pattern, default 6), the
+    others slide."""
     if hf.get("layer_types") is not None:
         return hf["layer_types"]
-    pattern = _int(hf, "sliding_window_pattern", 1, MAX_LAYERS, default=GEMMA3_PATTERN)
+    pattern = GEMMA_PATTERN[model_type]
+    if model_type == "gemma3_text":
+        pattern = _int(hf, "sliding_window_pattern", 1, MAX_LAYERS, default=pattern)
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
 
 
@@ -225,17 +232,17 @@ def _attention_window(hf: dict[str, Any], model_type: str, layers: int,
     (None, ()). As transformers: `layer_types` where the config lists them; else Mistral slides in
     every layer whenever sliding_window is set, Qwen2/Qwen3 with use_sliding_window in the layers
     from max_window_layers on."""
-    gemma = model_type == "gemma3_text"
-    window = hf.get("sliding_window", GEMMA3_WINDOW if gemma else None)
+    gemma = model_type in GEMMA
+    window = hf.get("sliding_window", GEMMA_WINDOW if gemma else None)
     if window is None:
         return None, ()
     _check_int("sliding_window", window, 0, 2**31)
-    # Gemma 3 always slides in its sliding layers, whose RoPE base also differs (so they are kept
-    # even when the window spans the whole context).
-    default_on = model_type in ("mistral", "gemma3_text")
+    # Gemma always slides in its sliding layers, whose RoPE base also differs in Gemma 3 (so they
+    # are kept even when the window spans the whole context).
+    default_on = model_type == "mistral" or gemma
     if not (window and _bool(hf, "use_sliding_window", default_on) and (gemma or window < max_positions)):
         return None, ()
-    layer_types = _gemma3_layer_types(hf, layers) if gemma else hf.get("layer_types")
+    layer_types = _gemma_layer_types(hf, model_type, layers) if gemma else hf.get("layer_types")
     if layer_types is not None:
         kinds = ("full_attention", "sliding_attention")
         if not (isinstance(layer_types, list) and len(layer_types) == layers and all(t in kinds for t in layer_types)):
@@ -433,9 +440,6 @@ def _gemma3_rope(hf: dict[str, Any], head_dim: int, max_positions: int) -> tuple
         full.update(scaling)
     full.setdefault("rope_theta", hf.get("rope_theta", GEMMA3_THETA["full_attention"]))
     theta, full_scaling = _rope({"rope_parameters": full}, "gemma3_text", head_dim, max_positions)
-    if full_scaling.get("rope_type", "linear") != "linear":
-        raise UnsupportedModelError(f"Gemma 3 RoPE scaling {full_scaling['rope_type']!r} is not supported; "
-                                    "supported: default, linear")
     local.setdefault("rope_theta", hf.get("rope_local_base_freq", GEMMA3_THETA["sliding_attention"]))
     local_theta, local_scaling = _rope({"rope_parameters": local}, "gemma3_text", head_dim, max_positions)
     if local_scaling:
@@ -481,11 +485,14 @@ def config_from_hf(hf: Any) -> ModelConfig:
     max_positions = _int(hf, "max_position_embeddings", 1, MAX_POSITIONS, default=2048)
     window, sliding = _attention_window(hf, model_type, layers, max_positions)
     rotary_dim = _rotary_dim(hf, model_type, head_dim)
-    gemma = model_type == "gemma3_text"
-    if gemma:
+    gemma = model_type in GEMMA
+    if model_type == "gemma3_text":
         theta, scaling, local_theta = _gemma3_rope(hf, head_dim, max_positions)
     else:
         (theta, scaling), local_theta = _rope(hf, model_type, rotary_dim or head_dim, max_positions), None
+    if gemma and scaling.get("rope_type", "linear") != "linear":  # Gemma's RoPE runs in the graph
+        raise UnsupportedModelError(f"{GEMMA[model_type]} RoPE scaling {scaling['rope_type']!r} is not supported; "
+                                    "supported: default, linear")
     bos = _token_ids(hf, "bos_token_id", vocab, allow_list=False)
     attention_bias = _bool(hf, "attention_bias", False)
     return ModelConfig(
@@ -512,6 +519,8 @@ def config_from_hf(hf: Any) -> ModelConfig:
         query_pre_attn_scalar=_int(hf, "query_pre_attn_scalar", 1, 2**20, default=256) if gemma else None,
         rope_local_theta=local_theta if sliding else None,
         rotary_dim=rotary_dim,
+        attn_logit_softcapping=_softcap(hf, "attn_logit_softcapping") if gemma else None,
+        final_logit_softcapping=_softcap(hf, "final_logit_softcapping") if gemma else None,
     )
 
 

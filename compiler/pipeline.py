@@ -6,7 +6,6 @@ import functools
 import tvm
 from tvm import relax
 
-from awqc.passes.cpu_attention import FastCPUAttention
 from awqc.passes.shape_order import CanonicalShapeFuncOrder
 from awqc.schedules.cpu import cpu_schedule_pass
 
@@ -18,8 +17,6 @@ def relax_pipeline(spec: TargetSpec) -> tvm.transform.Pass:
     (quantize_linear marks them tirx.is_scheduled); this schedules everything else."""
     target = spec.target()
     passes = [
-        # The KV cache's CPU attention and RoPE kernels are serial scalar loops: parallel ones instead.
-        FastCPUAttention,
         # Library dispatch (sampling, sort/scan) before ops become TIR.
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),

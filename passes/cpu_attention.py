@@ -1,5 +1,7 @@
 """CPU kernels for the paged KV cache in place of TVM 0.27's serial scalar ones: ragged prefill
-attention, paged decode attention, and the q/k/v split + RoPE.
+attention, paged prefill and decode attention (full and sliding-window layers), and the q/k/v
+split + RoPE. The attention kernels also soft-cap their scores where a model does (Gemma 2),
+which TVM's take no parameter for.
 
 TVM's CPU prefill kernel (`batch_prefill_ragged_kv`) is one serial scalar loop nest that also
 evaluates the masked half of the causal score matrix, its decode kernel (`batch_decode_paged_kv_cpu`)
@@ -28,6 +30,7 @@ from tvm.script import tirx as T
 
 RAGGED_PREFILL = "batch_prefill_ragged_kv"
 DECODE_PAGED = "batch_decode_paged_kv_cpu"
+PREFILL_PAGED = "batch_prefill_paged_kv_cpu"
 PREFILL_PAGED_WINDOW = "batch_prefill_paged_kv_cpu_sliding_window"
 DECODE_PAGED_WINDOW = "batch_decode_paged_kv_cpu_sliding_window"
 FUSED_ROPE = "fused_rope"
@@ -52,8 +55,22 @@ def _exp2(x):
     return poly * scale
 
 
-def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", qb: int = 16, kt: int = 64):
-    """The kernel for h_q query heads sharing h_kv key/value heads of dimension d."""
+def _logit(x, softcap: float | None):
+    """An attention score (q · k times the model's scale) in the log2 domain the kernels' softmax
+    runs in, soft-capped first to softcap * tanh(x / softcap) when softcap is set (Gemma 2). tanh
+    comes from _exp2 (tanh |y| = (1 - 2^(-2|y| log2 e)) / (1 + ...), sign restored), so it
+    vectorizes as the softmax does instead of calling libm per score."""
+    if softcap is None:
+        return x * T.float32(_LOG2E)
+    e = _exp2(T.abs(x) * T.float32(-2.0 * _LOG2E / softcap))
+    capped = (T.float32(1) - e) / (T.float32(1) + e) * T.float32(softcap * _LOG2E)
+    return T.if_then_else(x < T.float32(0), -capped, capped)
+
+
+def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", softcap: float | None = None,
+                       qb: int = 16, kt: int = 64):
+    """The kernel for h_q query heads sharing h_kv key/value heads of dimension d; `softcap`: see
+    `_logit`."""
     g = h_q // h_kv
     rows = qb * g
 
@@ -127,7 +144,7 @@ def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", qb: 
                                     for j in T.vectorized(kt):
                                         s[j] = s[j] + T.Cast("float32", q[q0 + p, h, i]) * kt_buf[i, j]
                                 for j in T.vectorized(kt):
-                                    s[j] = T.if_then_else(t * kt + j < lim, s[j] * sm_scale * T.float32(_LOG2E),
+                                    s[j] = T.if_then_else(t * kt + j < lim, _logit(s[j] * sm_scale, softcap),
                                                           T.float32(_MASKED))
                                 tmp[0] = m[r]
                                 for j in T.serial(kt):
@@ -155,7 +172,8 @@ def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", qb: 
     return batch_prefill_ragged_kv
 
 
-def decode_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "float32"):
+def decode_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "float32",
+                     softcap: float | None = None):
     """The decode kernel (one query token per sequence, keys and values in the paged cache) for h_q
     query heads sharing h_kv key/value heads of dimension d, pages of `page_size` tokens.
 
@@ -228,7 +246,7 @@ def decode_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "
                             for j in T.vectorized(page_size):
                                 s[r, j] = s[r, j] + T.Cast("float32", q[b, hk * g + r, i]) * kt_buf[i, j]
                         for j in T.vectorized(page_size):
-                            s[r, j] = T.if_then_else(j < n_tok, s[r, j] * sm_scale * T.float32(_LOG2E),
+                            s[r, j] = T.if_then_else(j < n_tok, _logit(s[r, j] * sm_scale, softcap),
                                                      T.float32(_MASKED))
                         tmp[0] = m[r]
                         for j in T.serial(page_size):
@@ -254,25 +272,16 @@ def decode_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "
     return batch_decode_paged_kv
 
 
-def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, decode: bool,
-                     dtype: str = "float32"):
-    """Sliding-window attention of new tokens over the paged cache, for the KV cache's
-    "mha_sliding" layers: `decode` gives the kernel of TVM's `batch_decode_paged_kv_cpu_sliding_window`
-    signature, else that of `batch_prefill_paged_kv_cpu_sliding_window` (the part of a prefill
-    chunk's attention that reads the cache).
-
-    The cache hands these kernels only the pages of the last `window` positions, starting
-    `length_info[1]` tokens into the first page at position `k_rope_pos_offset`. A key is visible to
-    a query when query position - window < key position <= query position, checked on absolute
-    positions (TVM's CPU prefill kernel reads an uninitialized running maximum when a query's first
-    key is masked, which with window-sized chunks gave NaN). Tasks (token, kv head) run in parallel,
-    each as `decode_paged_cpu`'s: scores of the g query heads against a transposed page with vector
-    FMAs, an online softmax once per page. Attention sinks (`length_info[2]`) are not used by awqc."""
-    g = h_q // h_kv
+def _paged_attend(g: int, d: int, page_size: int, dtype: str, softcap: float | None):
+    """The attention of one token's g query heads (kv head hk of sequence b) over the sequence's
+    pages in the cache, as `decode_paged_cpu` computes it: scores against a transposed page with
+    vector FMAs, an online softmax once per page. The sequence's keys are numbered from `offset`
+    slots into its first page (a sliding window's start) to `last_len` slots into its last; keys
+    key_lo <= number < key_hi are visible."""
 
     @T.macro
-    def attend(q, t, b, hk, qpos, pages, page_indptr, page_values, length_info, k_rope_pos_offset,
-               output, lse, sm_scale):
+    def attend(q, t, b, hk, key_lo, key_hi, offset, last_len, pages, page_indptr, page_values, output, lse,
+               sm_scale):
         with T.sblock("attn"):
             T.reads()
             T.writes()
@@ -284,7 +293,6 @@ def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, d
             tmp = T.sblock_alloc_buffer((2,), "float32")
             p_begin: T.let[T.int32] = page_indptr[b]
             n_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-            offset: T.let[T.int32] = length_info[1, b]
             for r in T.serial(g):
                 m[r] = T.float32(_MASKED)
                 l_sum[r] = T.float32(0)
@@ -293,8 +301,8 @@ def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, d
             for pi in T.serial(n_pages):
                 page: T.let[T.int32] = page_values[p_begin + pi]
                 lo: T.let[T.int32] = T.if_then_else(pi == 0, offset, 0)
-                hi: T.let[T.int32] = T.if_then_else(pi == n_pages - 1, length_info[0, b], page_size)
-                base: T.let[T.int32] = k_rope_pos_offset[b] + pi * page_size - offset  # position of slot 0
+                hi: T.let[T.int32] = T.if_then_else(pi == n_pages - 1, last_len, page_size)
+                first: T.let[T.int32] = pi * page_size - offset  # the number of slot 0's key
                 for j in T.serial(page_size):
                     for i in T.serial(d):
                         kt_buf[i, j] = T.Cast("float32", pages[page, 0, hk, j, i])
@@ -306,8 +314,8 @@ def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, d
                             s[r, j] = s[r, j] + T.Cast("float32", q[t, hk * g + r, i]) * kt_buf[i, j]
                     for j in T.vectorized(page_size):
                         s[r, j] = T.if_then_else(
-                            (j >= lo) & (j < hi) & (base + j > qpos - window) & (base + j <= qpos),
-                            s[r, j] * sm_scale * T.float32(_LOG2E), T.float32(_MASKED))
+                            (j >= lo) & (j < hi) & (first + j >= key_lo) & (first + j < key_hi),
+                            _logit(s[r, j] * sm_scale, softcap), T.float32(_MASKED))
                     tmp[0] = m[r]
                     for j in T.serial(page_size):
                         tmp[0] = T.max(tmp[0], s[r, j])
@@ -328,6 +336,94 @@ def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, d
                     output[t, hk * g + r, i] = T.Cast(
                         dtype, T.if_then_else(l_sum[r] > 0, acc[r, i] / l_sum[r], T.float32(0)))
                 lse[t, hk * g + r] = T.if_then_else(l_sum[r] > 0, m[r] + T.log2(l_sum[r]), T.float32(_MASKED))
+
+    return attend
+
+
+def prefill_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "float32",
+                      softcap: float | None = None):
+    """The part of a prefill chunk's attention that reads the cache (the chunk's own keys are the
+    ragged kernel's), for full-attention layers: same signature and outputs as TVM's
+    `batch_prefill_paged_kv_cpu`, whose loops are serial and scalar and take no soft-cap. Tasks
+    (token, kv head) run in parallel, each `_paged_attend` over the sequence's pages; `causal`
+    masks as TVM's kernel does (the chunk's last token sees every key)."""
+    g = h_q // h_kv
+    attend = _paged_attend(g, d, page_size, dtype, softcap)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv(
+        var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+        var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+        var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle,
+        causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_elem_offset = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        last_page_len = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+        k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",  # noqa: F841 (signature)
+                                           elem_offset=k_rope_pos_offset_elem_offset)
+        q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32",  # noqa: F841
+                                         elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+
+        assert rotary_mode == 0, "awqc's CPU prefill attention expects RoPE applied before attention"
+        for task in T.parallel(total_len * h_kv):
+            with T.sblock("seq"):
+                T.reads()
+                T.writes()
+                seq = T.sblock_alloc_buffer((1,), "int32")
+                seq[0] = 0
+                for i in T.serial(batch_size):  # the sequence whose tokens include this one
+                    if q_indptr[i + 1] <= task // h_kv:
+                        seq[0] = i + 1
+                kv_len: T.let[T.int32] = (page_indptr[seq[0] + 1] - page_indptr[seq[0]] - 1) * page_size \
+                    + last_page_len[seq[0]]
+                qo_len: T.let[T.int32] = q_indptr[seq[0] + 1] - q_indptr[seq[0]]
+                attend(q, task // h_kv, seq[0], task % h_kv, 0,
+                       T.if_then_else(causal > 0, kv_len - qo_len + task // h_kv - q_indptr[seq[0]] + 1, kv_len),
+                       0, last_page_len[seq[0]], pages, page_indptr, page_values, output, lse, sm_scale)
+
+    return batch_prefill_paged_kv
+
+
+def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, decode: bool,
+                     dtype: str = "float32", softcap: float | None = None):
+    """Sliding-window attention of new tokens over the paged cache, for the KV cache's
+    "mha_sliding" layers: `decode` gives the kernel of TVM's `batch_decode_paged_kv_cpu_sliding_window`
+    signature, else that of `batch_prefill_paged_kv_cpu_sliding_window` (the part of a prefill
+    chunk's attention that reads the cache).
+
+    The cache hands these kernels only the pages of the last `window` positions, starting
+    `length_info[1]` tokens into the first page at position `k_rope_pos_offset`. A key is visible to
+    a query when query position - window < key position <= query position, checked on absolute
+    positions (TVM's CPU prefill kernel reads an uninitialized running maximum when a query's first
+    key is masked, which with window-sized chunks gave NaN). Tasks (token, kv head) run in parallel,
+    each `_paged_attend`. Attention sinks (`length_info[2]`) are not used by awqc."""
+    g = h_q // h_kv
+    attend = _paged_attend(g, d, page_size, dtype, softcap)
+
+    @T.macro
+    def attend_window(q, t, b, hk, qpos, pages, page_indptr, page_values, length_info, k_rope_pos_offset,
+                      output, lse, sm_scale):
+        # key number i sits at position k_rope_pos_offset[b] + i
+        attend(q, t, b, hk, qpos - window + 1 - k_rope_pos_offset[b], qpos + 1 - k_rope_pos_offset[b],
+               length_info[1, b], length_info[0, b], pages, page_indptr, page_values, output, lse, sm_scale)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_sliding_window(
@@ -360,8 +456,8 @@ def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, d
 
         assert rotary_mode == 0, "awqc's CPU sliding-window attention expects RoPE applied before attention"
         for task in T.parallel(batch_size * h_kv):
-            attend(q, task // h_kv, task // h_kv, task % h_kv, q_rope_position[task // h_kv], pages, page_indptr,
-                   page_values, length_info, k_rope_pos_offset, output, lse, sm_scale)
+            attend_window(q, task // h_kv, task // h_kv, task % h_kv, q_rope_position[task // h_kv], pages,
+                          page_indptr, page_values, length_info, k_rope_pos_offset, output, lse, sm_scale)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_sliding_window(
@@ -405,8 +501,8 @@ def paged_window_cpu(h_kv: int, h_q: int, d: int, page_size: int, window: int, d
                 for i in T.serial(batch_size):  # the sequence whose tokens include this one
                     if q_indptr[i + 1] <= task // h_kv:
                         seq[0] = i + 1
-                attend(q, task // h_kv, seq[0], task % h_kv, q_rope_position[task // h_kv], pages, page_indptr,
-                       page_values, length_info, k_rope_pos_offset, output, lse, sm_scale)
+                attend_window(q, task // h_kv, seq[0], task % h_kv, q_rope_position[task // h_kv], pages,
+                              page_indptr, page_values, length_info, k_rope_pos_offset, output, lse, sm_scale)
 
     return batch_decode_paged_kv_sliding_window if decode else batch_prefill_paged_kv_sliding_window
 
@@ -491,27 +587,27 @@ def _swap(mod: tvm.IRModule, gv: tvm.ir.GlobalVar, new: tvm.tirx.PrimFunc) -> tv
     return mod
 
 
-def use_cpu_attention_kernels(mod: tvm.IRModule, target: tvm.target.Target | None) -> tvm.IRModule:
-    """Replace the KV cache's CPU ragged-prefill and paged-decode kernels (where the module has
-    them) with the parallel ones; only for CPU (llvm) targets, whose KV cache uses them."""
-    if target is None or target.kind.name != "llvm":
-        return mod
+def use_cpu_attention_kernels(mod: tvm.IRModule, softcap: float | None = None) -> tvm.IRModule:
+    """Replace the KV cache's CPU kernels of full-attention layers (where the module has them: a
+    CPU KV cache) with the parallel ones: ragged prefill, paged prefill and paged decode, their
+    scores soft-capped at `softcap` when it is set (Gemma 2)."""
     gv = _kernel(mod, RAGGED_PREFILL, 14)
     if gv is not None:  # q [tokens, h_q, d], k [tokens, h_kv, d]
         old = mod[gv]
         (_, h_q, d), (_, h_kv, d_kv) = _shape_of(old, 0), _shape_of(old, 2)
         if int(h_q) % int(h_kv) == 0 and int(d_kv) == int(d):
-            mod = _swap(mod, gv, prefill_ragged_cpu(int(h_kv), int(h_q), int(d), str(old.params[0].dtype)))
-    gv = _kernel(mod, DECODE_PAGED, 13)
-    if gv is not None:  # q [batch, h_q, d], pages [pages, 2, h_kv, page_size, d]
-        old = mod[gv]
-        (_, h_q, d), (_, _, h_kv, page, d_kv) = _shape_of(old, 0), _shape_of(old, 1)
-        if int(h_q) % int(h_kv) == 0 and int(d_kv) == int(d):
-            mod = _swap(mod, gv, decode_paged_cpu(int(h_kv), int(h_q), int(d), int(page), str(old.params[0].dtype)))
+            mod = _swap(mod, gv, prefill_ragged_cpu(int(h_kv), int(h_q), int(d), str(old.params[0].dtype), softcap))
+    for name, n_params, make in ((PREFILL_PAGED, 15, prefill_paged_cpu), (DECODE_PAGED, 13, decode_paged_cpu)):
+        gv = _kernel(mod, name, n_params)
+        if gv is not None:  # q [tokens, h_q, d], pages [pages, 2, h_kv, page_size, d]
+            old = mod[gv]
+            (_, h_q, d), (_, _, h_kv, page, d_kv) = _shape_of(old, 0), _shape_of(old, 2 if n_params == 15 else 1)
+            if int(h_q) % int(h_kv) == 0 and int(d_kv) == int(d):
+                mod = _swap(mod, gv, make(int(h_kv), int(h_q), int(d), int(page), str(old.params[0].dtype), softcap))
     return mod
 
 
-def use_cpu_sliding_window(mod: tvm.IRModule, window: int) -> tvm.IRModule:
+def use_cpu_sliding_window(mod: tvm.IRModule, window: int, softcap: float | None = None) -> tvm.IRModule:
     """Replace the KV cache's CPU kernels for "mha_sliding" layers (where the module has them) with
     `paged_window_cpu` for a window of `window` positions."""
     for name, n_params, decode in ((PREFILL_PAGED_WINDOW, 15, False), (DECODE_PAGED_WINDOW, 13, True)):
@@ -520,7 +616,7 @@ def use_cpu_sliding_window(mod: tvm.IRModule, window: int) -> tvm.IRModule:
             old = mod[gv]
             (_, h_q, d), (_, _, h_kv, page, _) = _shape_of(old, 0), _shape_of(old, 1 if decode else 2)
             mod = _swap(mod, gv, paged_window_cpu(int(h_kv), int(h_q), int(d), int(page), window, decode,
-                                                  str(old.params[0].dtype)))
+                                                  str(old.params[0].dtype), softcap))
     return mod
 
 
@@ -538,10 +634,3 @@ def use_cpu_rope(mod: tvm.IRModule, theta: float, scale: float, rope_scaling: di
         return mod
     return _swap(mod, gv, rope_cpu(theta, scale, head_dim, h_q, h_kv, str(old.params[0].dtype),
                                    rope_scaling, head_dim))
-
-
-@tvm.transform.module_pass(opt_level=0, name="awqc.FastCPUAttention")
-def FastCPUAttention(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:  # noqa: N802
-    """Module pass form of `use_cpu_attention_kernels` for the current target (for compiler/pipeline.py,
-    anywhere before LegalizeOps)."""
-    return use_cpu_attention_kernels(mod, tvm.target.Target.current(allow_none=True))

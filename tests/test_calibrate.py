@@ -77,6 +77,24 @@ def test_statistics_with_phi4_mini_rope_match_transformers(tmp_path: Path) -> No
         torch.testing.assert_close(stats.of(name).abs_mean, x.abs().mean(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type,overrides", [
+    ("gemma3_text", dict(layer_types=["sliding_attention", "full_attention"])),
+    ("gemma2", dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0)),
+])
+def test_gemma_statistics_match_transformers(model_type: str, overrides: dict, tmp_path: Path) -> None:
+    """Gemma: embeddings times sqrt(hidden), (1 + w) norms around attention and MLP, a sliding
+    layer narrower than the samples, and (Gemma 2) soft-capped attention scores, as transformers
+    computes them."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=6, model_type=model_type, head_dim=32, sliding_window=20,
+                           tie_word_embeddings=False, **overrides)
+    stats = calibrate(load_model(str(ckpt)), SAMPLES, gram_tokens=None, progress=False)
+    acts = _hf_linear_inputs(ckpt, SAMPLES)
+    assert len(acts) == 8
+    for name, x in acts.items():
+        torch.testing.assert_close(stats.of(name).abs_mean, x.abs().mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.of(name).gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+
 def test_gram_subsampling(tiny_ckpt: Path) -> None:
     """With gram_tokens, the Gram is exactly that of the rows the calibrator drew from each sample."""
     model = load_model(str(tiny_ckpt))

@@ -31,11 +31,14 @@ FAMILIES = {
     # (1 + w) norms; a second norm after attention and after the MLP; sliding and full layers
     "gemma3": dict(model_type="gemma3_text", head_dim=32, tie_word_embeddings=False, sliding_window=24,
                    layer_types=["sliding_attention", "full_attention"]),
+    # Gemma 3's blocks without q/k norms; soft-capped attention scores and logits
+    "gemma2": dict(model_type="gemma2", head_dim=32, tie_word_embeddings=False, sliding_window=24,
+                   attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
 }
 # transformers' name of the norm before the MLP (Gemma's post_attention_layernorm normalizes the
 # attention output before its residual add: it feeds no linear)
 MLP_NORM = {"qwen3": "post_attention_layernorm", "phi3": "post_attention_layernorm",
-            "gemma3": "pre_feedforward_layernorm"}
+            "gemma3": "pre_feedforward_layernorm", "gemma2": "pre_feedforward_layernorm"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -54,14 +57,14 @@ def _groups(model):
 
 
 def test_groups_are_the_architectures(model) -> None:
-    """From the definitions in transformers (modeling_qwen3, modeling_phi3, modeling_gemma3): per
+    """From the definitions in transformers (modeling_qwen3, modeling_phi3, modeling_gemma2/3): per
     layer, input_layernorm feeds q/k/v, the MLP's norm feeds gate/up, v feeds o_proj, up feeds
     down_proj; the final norm feeds the untied head. q_norm/k_norm sit between q/k and RoPE and
     Gemma's post-norms before residual adds, so they feed no linear and start no group. Gemma's
     norms scale by 1 + w: their groups fold with offset 1, the others with 0."""
     groups = _groups(model)
     found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in groups}
-    gemma = model.config.model_type == "gemma3_text"
+    gemma = model.config.model_type in ("gemma2", "gemma3_text")
     assert {g.producer: g.offset for g in groups if g.kind == "norm"} == {
         producer: 1.0 if gemma else 0.0 for producer, _ in found if "norm" in producer}
     expected = {("norm.weight", ("lm_head.weight",))}

@@ -24,6 +24,7 @@ FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM", "llama"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": ("Gemma3ForCausalLM", "gemma3"),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)

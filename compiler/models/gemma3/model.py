@@ -35,13 +35,16 @@ class GemmaRMSNorm(nn.Module):
 
 
 class Gemma3Attention(nn.Module):
+    qk_norm = True  # per-head RMSNorm of q and k before RoPE (Gemma 2 has none)
+
     def __init__(self, cfg: ModelConfig, dtype: str, layer: int):
         self.cfg, self.layer = cfg, layer
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.qkv_dim, bias=cfg.attention_bias, dtype=dtype)
         self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias,
                                 dtype=dtype)
-        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
-        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        if self.qk_norm:
+            self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, positions: Tensor) -> Tensor:
         c = self.cfg
@@ -53,7 +56,9 @@ class Gemma3Attention(nn.Module):
         # linear RoPE scaling applies to the full-attention layers only (the sliding ones have none)
         scale = 1.0 if theta != c.rope_theta or not c.rope_scaling else 1.0 / c.rope_scaling["factor"]
         inv_freq = inverse_frequencies(c.head_dim, theta, position_scale=scale)
-        q, k = (rope(norm(t), positions, inv_freq) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = (rope(t, positions, inv_freq) for t in (q, k))
         o = kv.attention_with_fused_qkv(self.layer, op.concat([q, k, v], dim=2), nq, sm_scale=c.attention_scale)
         return self.o_proj(op.reshape(o, (b, s, nq * c.head_dim)))
 
@@ -69,13 +74,15 @@ class Gemma3MLP(nn.Module):
 
 
 class Gemma3DecoderLayer(nn.Module):
+    attention = Gemma3Attention
+
     def __init__(self, cfg: ModelConfig, dtype: str, layer: int):
         def norm() -> GemmaRMSNorm:
             return GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
-        self.self_attn = Gemma3Attention(cfg, dtype, layer)
+        self.self_attn = self.attention(cfg, dtype, layer)
         self.mlp = Gemma3MLP(cfg, dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, positions: Tensor) -> Tensor:
@@ -84,13 +91,14 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
+    layer = Gemma3DecoderLayer
     rope_mode = RopeMode.NONE  # RoPE is in the graph (per-layer bases)
 
     def __init__(self, cfg: ModelConfig, dtype: str, target: Target, separate_head: bool = False):
         self.cfg, self.dtype, self.target = cfg, dtype, target
         self.tied = cfg.tie_word_embeddings and not separate_head
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([Gemma3DecoderLayer(cfg, dtype, i) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.layer(cfg, dtype, i) for i in range(cfg.num_hidden_layers)])
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         if not self.tied:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
@@ -104,6 +112,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         for layer in self.layers:
             x = layer(x, kv, positions)
         return self.norm(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        logits = super()._logits(x)
+        cap = self.cfg.final_logit_softcapping  # Gemma 2's (Gemma 3 checkpoints set none)
+        return logits if cap is None else op.tanh(logits / cap) * cap
 
 
 def export_model(cfg: ModelConfig, dtype: str, target: Target,

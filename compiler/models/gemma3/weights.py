@@ -4,6 +4,10 @@ same name normalizes the MLP input). Norm weights stay as the checkpoint holds t
 as 1 + w)."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from awqc.compiler.config import ModelConfig
 from awqc.compiler.models.llama import weights as llama
 from awqc.compiler.models.llama.weights import checkpoint_parts, hf_block_weights
@@ -24,9 +28,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def embedding_scale(cfg: ModelConfig) -> float:
+    """Gemma multiplies the embedding rows by sqrt(hidden_size), rounded to float32 as transformers
+    does in a float32 model (the graph's constant is rounded to the weights' dtype)."""
+    return float(np.float32(math.sqrt(cfg.hidden_size)))
+
+
 def checkpoint_names(n_layers: int) -> list[str]:
     """Every tensor name a Gemma 3 checkpoint may hold, without the `model.` prefix."""
     return llama.checkpoint_names(n_layers) + [f"layers.{n}.{w}" for n in range(n_layers) for w in _NORMS]
 
 
-__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "expected_shapes", "hf_block_weights"]
+__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "embedding_scale", "expected_shapes", "hf_block_weights"]

@@ -15,9 +15,9 @@ from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from awqc.passes.cpu_attention import use_cpu_rope, use_cpu_sliding_window
+from awqc.passes.cpu_attention import use_cpu_attention_kernels, use_cpu_rope, use_cpu_sliding_window
 
-from awqc.compiler.config import ModelConfig
+from awqc.compiler.config import ModelConfig, UnsupportedModelError
 
 
 class LlamaAttention(nn.Module):
@@ -180,9 +180,16 @@ def export_model(cfg: ModelConfig, dtype: str, target: Target,
 def export(model: LlamaForCausalLM) -> tuple[Any, list[tuple[str, Any]]]:
     """export_model for a model of this family or one derived from it."""
     cfg, target = model.cfg, model.target
+    if cfg.attn_logit_softcapping is not None and target.kind.name != "llvm":
+        raise UnsupportedModelError(
+            f"this model soft-caps its attention scores (attn_logit_softcapping {cfg.attn_logit_softcapping}, as "
+            f"Gemma 2 does), which awqc's {target.kind.name} attention kernels (TVM's) do not compute; compile "
+            "it for a CPU target (host, x86-avx2, arm-neon, ...)")
     mod, params = model.export_tvm(spec=export_spec())
-    if target.kind.name == "llvm":  # the KV cache's RoPE kernel needs the model's RoPE parameters
+    if target.kind.name == "llvm":  # the KV cache's CPU kernels are serial scalar loops: parallel ones
+        softcap = cfg.attn_logit_softcapping
+        mod = use_cpu_attention_kernels(mod, softcap)
         mod = use_cpu_rope(mod, cfg.rope_theta, *_tvm_rope(cfg.rope_scaling))
         if cfg.sliding_layers:
-            mod = use_cpu_sliding_window(mod, cfg.sliding_window)
+            mod = use_cpu_sliding_window(mod, cfg.sliding_window, softcap)
     return mod, params

@@ -79,3 +79,8 @@ def hf_block_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], pref
         else:
             out[local] = w
     return out
+
+
+def embedding_scale(cfg: ModelConfig) -> float:
+    """What the embedding rows are multiplied by before the first block: 1, they are used as they are."""
+    return 1.0

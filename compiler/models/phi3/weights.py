@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 
 from awqc.compiler.config import ModelConfig
-from awqc.compiler.models.llama.weights import expected_shapes
+from awqc.compiler.models.llama.weights import embedding_scale, expected_shapes
 
 # transformers' Phi3DecoderLayer linears whose inputs calibration taps → the awqc weight fed
 HF_TAPS = {m: f"{m}.weight" for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
@@ -34,4 +34,4 @@ def hf_block_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], pref
     return {name.removeprefix(prefix): w for name, w in weights.items()}
 
 
-__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "expected_shapes", "hf_block_weights"]
+__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "embedding_scale", "expected_shapes", "hf_block_weights"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from awqc.compiler.config import ModelConfig
 from awqc.compiler.models.llama import weights as llama
-from awqc.compiler.models.llama.weights import HF_TAPS, checkpoint_parts, hf_block_weights
+from awqc.compiler.models.llama.weights import HF_TAPS, checkpoint_parts, embedding_scale, hf_block_weights
 
 _QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
@@ -21,4 +21,4 @@ def checkpoint_names(n_layers: int) -> list[str]:
     return llama.checkpoint_names(n_layers) + [f"layers.{n}.{w}" for n in range(n_layers) for w in _QK_NORMS]
 
 
-__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "expected_shapes", "hf_block_weights"]
+__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "embedding_scale", "expected_shapes", "hf_block_weights"]
