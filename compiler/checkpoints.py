@@ -98,8 +98,8 @@ class GGUFCheckpoint:
         self._path = path
         self._permute = arch == "llama"  # llama.cpp's converter permutes q/k rows only for this arch
         self._heads = {"q_proj": n_heads, "k_proj": n_kv_heads}
-        # llama.cpp's converter stores Gemma 3's norm weights w (applied as 1 + w) as 1 + w
-        self._norm_shift = 1.0 if arch == "gemma3" else 0.0
+        # llama.cpp's converter stores Gemma's norm weights w (applied as 1 + w) as 1 + w
+        self._norm_shift = 1.0 if arch in ("gemma2", "gemma3") else 0.0
         self._tensors = {}
         for hf in hf_names:
             stored = name_map.get_name(f"model.{hf}" if not hf.startswith("lm_head") else hf,

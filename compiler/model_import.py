@@ -110,6 +110,8 @@ def _load_gguf(path: Path) -> ImportedModel:
     hf_cfg.setdefault("architectures", ["LlamaForCausalLM"])
     if hf_cfg.get("model_type") == "phi3":
         _gguf_phi3_rope(path, hf_cfg)
+    if hf_cfg.get("model_type") in GGUF_GEMMA:
+        _gguf_gemma_attention(path, hf_cfg)
     cfg = config_from_hf(hf_cfg)
     names = family(cfg.model_type).checkpoint_names(cfg.num_hidden_layers)
     reader = _open(lambda: GGUFCheckpoint(path, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -118,6 +120,30 @@ def _load_gguf(path: Path) -> ImportedModel:
     tokenizer = _load_tokenizer(path.parent, path.name)
     check_vocab(cfg, len(tokenizer), str(path))
     return ImportedModel(cfg, weights, tokenizer, str(path))
+
+
+# GGUF architecture of each Gemma model_type, and the layer count of its 27B model
+GGUF_GEMMA = {"gemma2": ("gemma2", 46), "gemma3_text": ("gemma3", 62)}
+
+
+def _gguf_gemma_attention(path: Path, hf_cfg: dict[str, Any]) -> None:
+    """A Gemma GGUF's soft-caps and attention scale into hf_cfg, where transformers' GGUF config
+    reader maps neither (it would leave Gemma2Config's defaults): the soft-caps as llama.cpp's
+    converter stores them, and the scale as llama.cpp derives it, there being no field for it:
+    hidden_size / heads for the 27B models, head_dim for the others."""
+    import gguf
+
+    arch, layers_27b = GGUF_GEMMA[hf_cfg["model_type"]]
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            field = fields.get(f"{arch}.{key}")
+            hf_cfg[key] = None if field is None else float(field.contents())
+        head_dim = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
+        big = hf_cfg["num_hidden_layers"] == layers_27b
+        hf_cfg["query_pre_attn_scalar"] = hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"] if big else head_dim
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as err:
+        raise ModelImportError(f"{path}: its attention metadata cannot be read ({type(err).__name__}: {err})") from None
 
 
 def _gguf_phi3_rope(path: Path, hf_cfg: dict[str, Any]) -> None:

@@ -113,8 +113,8 @@ def test_streaming_writer_refuses_incomplete(tmp_path: Path) -> None:
 
 def _gguf_of(model, arch: str, out: Path) -> Path:
     """A float32 GGUF of a transformers model as llama.cpp's converter lays one out for `arch`
-    (tensor names from gguf's map, no q/k permutation outside llama, Gemma 3's norm weights stored
-    as 1 + w), with the default model's tokenizer (the model's vocab_size must be its 49152)."""
+    (tensor names from gguf's map, no q/k permutation outside llama, Gemma's norm weights stored
+    as 1 + w and its soft-caps as metadata), with the default model's tokenizer (the model's vocab_size must be its 49152)."""
     import gguf
 
     cfg = model.config
@@ -132,8 +132,11 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else rope["rope_theta"])
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(cfg.sliding_window)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(cfg, key) is not None:
+                getattr(w, f"add_{key}")(getattr(cfg, key))
     if arch == "phi3":  # llama.cpp's Phi-3 converter: the rotated dimensions, LongRoPE's factors as tensors
         w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if rope.get("rope_type") == "longrope":
@@ -154,7 +157,7 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        shift = 1.0 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
+        shift = 1.0 if arch in ("gemma2", "gemma3") and name.endswith("norm.weight") else 0.0
         w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy() + shift)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -184,19 +187,23 @@ def test_phi3_gguf_reads_its_rope(tmp_path: Path) -> None:
     assert cfg.max_context == 64 and cfg.max_position_embeddings == 256 and cfg.rotary_dim == 12
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gemma3_text", "gemma2"])
 def test_gguf_of_another_family_reads_as_its_checkpoint(tmp_path: Path, model_type: str) -> None:
-    """Qwen3 (per-head q/k norms), Phi-3 (q/k/v and gate/up fused in the file) and Gemma 3 (norms
-    stored as 1 + w) from a GGUF laid out as llama.cpp's converter does: awqc's config and weights
-    equal the transformers model's."""
+    """Qwen3 (per-head q/k norms), Phi-3 (q/k/v and gate/up fused in the file) and Gemma 2 and 3
+    (norms stored as 1 + w; Gemma 2's soft-caps as metadata, here not transformers' defaults) from
+    a GGUF laid out as llama.cpp's converter does: awqc's config and weights equal the
+    transformers model's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tied = model_type != "phi3"
     kw = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied)
-    if model_type == "gemma3_text":
-        # transformers' Gemma tokenizer converter adds a token to the GGUF's vocabulary
-        kw.update(head_dim=16, sliding_window=32, vocab_size=49153)
+    if model_type in ("gemma3_text", "gemma2"):
+        # transformers' Gemma tokenizer converter adds a token to the GGUF's vocabulary; llama.cpp
+        # scales attention by head_dim ** -0.5 outside the 27B models
+        kw.update(head_dim=16, sliding_window=32, vocab_size=49153, query_pre_attn_scalar=16)
+    if model_type == "gemma2":
+        kw.update(attn_logit_softcapping=20.0, final_logit_softcapping=None)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).eval()
     with torch.no_grad():
@@ -213,7 +220,11 @@ def test_gguf_of_another_family_reads_as_its_checkpoint(tmp_path: Path, model_ty
         expected = fused_reference(hf.state_dict(), cfg)
     else:  # Phi-3 stores qkv_proj and gate_up_proj already fused, as awqc does
         expected = {k: v for k, v in sd.items()}
-    if model_type == "gemma3_text":  # the file holds 1 + w in float32, so w comes back as (1 + w) - 1
+    if model_type in ("gemma3_text", "gemma2"):
+        assert cfg.attention_scale == hf.config.query_pre_attn_scalar ** -0.5
+        assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (
+            getattr(hf.config, "attn_logit_softcapping", None), getattr(hf.config, "final_logit_softcapping", None))
+    if model_type in ("gemma3_text", "gemma2"):  # the file holds 1 + w in float32, so w comes back as (1 + w) - 1
         expected = {k: (v + np.float32(1)) - np.float32(1) if k.endswith("norm.weight") else v
                     for k, v in expected.items()}
     assert set(model.weights) == set(expected)

@@ -27,7 +27,7 @@ def hf_dict(model_type: str = "llama", **kw: Any) -> dict[str, Any]:
     d = AutoConfig.for_model(model_type, **{**TINY, **kw}).to_dict()
     d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
                            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                           "gemma3_text": "Gemma3ForCausalLM"}[model_type]]
+                           "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[model_type]]
     return json.loads(json.dumps(d))  # exactly what a config.json round trip gives
 
 
@@ -437,9 +437,8 @@ def test_gemma3_config_matches_transformers(spelling: str, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"final_logit_softcapping": 30.0}, "'final_logit_softcapping' is 30.0: logit soft-capping"),
-    ({"attn_logit_softcapping": 50.0}, "'attn_logit_softcapping' is 50.0: logit soft-capping"),
     ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported; Gemma 3 uses 'gelu_pytorch_tanh'"),
+    ({"rope_scaling": LLAMA3}, "Gemma 3 RoPE scaling 'llama3' is not supported; supported: default, linear"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true is not supported"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "RoPE scaling type 'yarn' is not supported"),
     ({"rope_parameters": {"global": {"rope_theta": 1e6}}}, "field 'rope_parameters' is {'global'"),
@@ -447,3 +446,43 @@ def test_gemma3_config_matches_transformers(spelling: str, tmp_path: Path) -> No
 def test_gemma3_options_it_does_not_compute_are_refused(change: dict, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message.replace("(", r"\(").replace("[", r"\[")):
         config_from_hf({**GEMMA3_HUB, **change})
+
+
+# ------------------------------------------------------------------------------- Gemma 2
+# config.json of a Gemma 2 model as the hub has it (no layer_types: Gemma2Config alternates them;
+# TINY sizes)
+GEMMA2_HUB = {**TINY, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 32,
+              "num_hidden_layers": 5, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 48,
+              "rope_theta": 10000.0, "sliding_window": 64, "attn_logit_softcapping": 50.0,
+              "final_logit_softcapping": 30.0, "cache_implementation": "hybrid"}
+
+
+@pytest.mark.parametrize("spelling", ["hub", "transformers5"])
+def test_gemma2_config_matches_transformers(spelling: str, tmp_path: Path) -> None:
+    """Which layers slide (every other one, from the first), the window, both soft-caps, the RoPE
+    base and the attention scale are those transformers' Gemma2Config resolves."""
+    hf = GEMMA2_HUB if spelling == "hub" else hf_dict("gemma2", **{
+        k: v for k, v in GEMMA2_HUB.items() if k not in ("architectures", "model_type")})
+    ref = load_with_transformers(hf, tmp_path)
+    cfg = config_from_hf(hf)
+    assert cfg.sliding_layers == tuple(i for i, t in enumerate(ref.layer_types) if t == "sliding_attention")
+    assert cfg.sliding_layers == (0, 2, 4)
+    assert cfg.sliding_window == ref.sliding_window == 64
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (
+        ref.attn_logit_softcapping, ref.final_logit_softcapping) == (50.0, 30.0)
+    assert cfg.rope_theta == ref.rope_parameters["rope_theta"] == 1e4 and cfg.rope_local_theta is None
+    assert cfg.attention_scale == ref.query_pre_attn_scalar ** -0.5 == 48 ** -0.5
+    uncapped = config_from_hf({**hf, "attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert (uncapped.attn_logit_softcapping, uncapped.final_logit_softcapping) == (None, None)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported; Gemma 2 uses 'gelu_pytorch_tanh'"),
+    ({"attn_logit_softcapping": 0}, "'attn_logit_softcapping' is 0; expected a finite number > 0"),
+    ({"final_logit_softcapping": "30"}, "'final_logit_softcapping' is '30'; expected a finite number > 0"),
+    ({"rope_scaling": LLAMA3}, "Gemma 2 RoPE scaling 'llama3' is not supported; supported: default, linear"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true is not supported"),
+])
+def test_gemma2_options_it_does_not_compute_are_refused(change: dict, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        config_from_hf({**GEMMA2_HUB, **change})

@@ -312,6 +312,17 @@ def test_other_families_build_for_cuda(tmp_path: Path) -> None:
         assert manifest["model"]["model_type"] == fam
 
 
+def test_soft_capped_attention_refused_for_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Gemma 2's attention soft-cap is computed only by awqc's CPU kernels: a CUDA compile says so
+    and writes nothing."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=7, model_type="gemma2", head_dim=32, attn_logit_softcapping=50.0)
+    out = tmp_path / "art"
+    assert main(["compile", "--model", str(ckpt), "--target", "cuda-sm80", "--dtype", "float16", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "soft-caps its attention scores (attn_logit_softcapping 50.0" in err and "compile it for a CPU target" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 @pytest.mark.skipif(tvm.cuda(0).exist, reason="this machine has a CUDA device")
 def test_cuda_artifact_refused_without_gpu(tiny_cuda_artifacts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     from awqc.runtime.engine import Engine
