@@ -30,7 +30,7 @@ from awqc.passes.quantizer import QuantizedWeights, QuantScheme
 
 from .config import ModelConfig, config_from_hf
 from .model_import import ImportedModel, ModelImportError, check_weights
-from .models import FAMILIES
+from .models import FAMILIES, family
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output column ORDER[i] of its 8
 PACK = 8  # 4-bit values per int32
@@ -82,7 +82,7 @@ def from_gemm(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray
 # ------------------------------------------------------------------------------- names
 # AutoAWQ quantizes q/k/v and gate/up as separate linears in these families, and as the fused
 # qkv_proj and gate_up_proj that Phi-3's checkpoint itself holds (AutoAWQ's Phi3AWQForCausalLM).
-_SEPARATE_LINEARS = ("llama", "mistral", "qwen2", "qwen3")
+_SEPARATE_LINEARS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 _FUSED_LINEARS = ("phi3",)
 
 
@@ -91,6 +91,12 @@ def _check_layout(cfg: ModelConfig) -> None:
         raise AutoAWQError(f"AutoAWQ checkpoints of model_type {cfg.model_type!r} are not supported; supported: "
                            f"{', '.join(_SEPARATE_LINEARS + _FUSED_LINEARS)} (compile the float checkpoint with "
                            "--quant awq-… instead)")
+
+
+def _linear_params(cfg: ModelConfig) -> set[str]:
+    """awqc's names of every linear's weight and bias (the rest are embeddings, norms and the head)."""
+    return {n for layer in range(cfg.num_hidden_layers) for fused, _n, _k in _linears(cfg, layer).values()
+            for n in (fused, fused.replace(".weight", ".bias"))}
 
 
 def _linears(cfg: ModelConfig, layer: int) -> dict[str, tuple[str, int, int]]:
@@ -203,10 +209,9 @@ def read_autoawq(path: str | Path) -> tuple[ModelConfig, QuantizedWeights]:
                 quantized[fused] = tuple(torch.cat([x[j] for x in items], 0) for j in range(3))  # type: ignore
             else:  # a float part (modules_to_not_convert): the fused layer stays float
                 floats[fused] = torch.cat([_dequant(x, group) if isinstance(x, tuple) else x for x in items], 0)
-    for name in ["embed_tokens.weight", "norm.weight", "lm_head.weight"] + [
-            f"layers.{i}.{n}.weight" for i in range(cfg.num_hidden_layers)
-            for n in ("input_layernorm", "post_attention_layernorm")]:
-        if name in tensors:
+    linear_names = _linear_params(cfg)
+    for name in family(cfg.model_type).expected_shapes(cfg):  # embeddings, every norm, the LM head
+        if name not in linear_names and name in tensors:
             floats[name] = torch.from_numpy(tensors[name].astype(np.float32))
     if cfg.tie_word_embeddings:
         floats.pop("lm_head.weight", None)
@@ -317,8 +322,7 @@ def write_autoawq(out: str | Path, cfg: ModelConfig, qw: QuantizedWeights, token
             if bias in qw.floats:
                 for (prefix, _n), b in zip(members, _split_rows(qw.floats[bias], sizes)):
                     tensors[f"model.{prefix}.bias"] = b.numpy().astype(np.float16)
-    linear_names = {n for layer in range(cfg.num_hidden_layers) for fused, _n, _k in _linears(cfg, layer).values()
-                    for n in (fused, fused.replace(".weight", ".bias"))}
+    linear_names = _linear_params(cfg)
     for name, w in qw.floats.items():  # embeddings, norms, LM head
         if name not in linear_names:
             key = name if name == "lm_head.weight" else f"model.{name}"

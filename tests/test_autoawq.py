@@ -127,6 +127,8 @@ def test_eval_reads_an_autoawq_checkpoint(exported: Path, model, tmp_path: Path,
         "type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.3], "long_factor": [1.0, 2, 4, 8, 16, 32]})),
     ("gemma3_text", dict(head_dim=32, sliding_window=48, query_pre_attn_scalar=24, rope_scaling={
         "rope_type": "linear", "factor": 4.0}, rope_local_base_freq=20000.0)),
+    ("gemma2", dict(head_dim=32, sliding_window=48, query_pre_attn_scalar=24, attn_logit_softcapping=40.0,
+                    final_logit_softcapping=None)),
 ])
 def test_config_json_round_trips(model_type: str, kw: dict) -> None:
     """The config.json written beside AutoAWQ weights (and given to transformers' layers in
@@ -169,12 +171,26 @@ def test_phi3_round_trips_in_autoawqs_fused_layout(tmp_path: Path) -> None:
         assert torch.equal(q2, q) and torch.equal(zero2, zero) and torch.equal(scale2, scale.half().float()), name
 
 
-def test_unsupported_family_is_refused_before_writing(tmp_path: Path) -> None:
-    from awqc.compiler.autoawq import AutoAWQError, write_autoawq
-    from awqc.compiler.awq import quantize_model
-
-    model = load_model(str(make_checkpoint(tmp_path / "ckpt", model_type="gemma3_text", head_dim=32)))
-    qw = quantize_model(model, "rtn", QuantScheme(group_size=32))
-    with pytest.raises(AutoAWQError, match="model_type 'gemma3_text' are not supported"):
-        write_autoawq(tmp_path / "out", model.config, qw)
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("model_type,kw", [
+    ("qwen3", dict(head_dim=24)),  # per-head q/k norms
+    ("gemma2", dict(head_dim=32, attn_logit_softcapping=30.0)),  # four (1 + w) norms per block
+    ("gemma3_text", dict(head_dim=32, sliding_window=48)),  # and per-head q/k norms
+])
+def test_families_with_more_norms_round_trip(model_type: str, kw: dict, tmp_path: Path) -> None:
+    """Every norm of the family is written beside the quantized linears and read back (none is
+    dropped for the names Llama has), and the checkpoint loads as the model it was written from."""
+    model = load_model(str(make_checkpoint(tmp_path / "ckpt", model_type=model_type, tie_word_embeddings=False, **kw)))
+    qw = rtn(model, QuantScheme(group_size=32))
+    out = write_autoawq(tmp_path / "awq", model.config, qw, model.tokenizer)
+    norms = {k for k in model.weights if "norm" in k}
+    assert {"layers.0.self_attn.q_norm.weight", "layers.1.post_feedforward_layernorm.weight"} & norms
+    assert {f"model.{k}" for k in norms} <= set(load_file(str(out / "model.safetensors")))
+    cfg, back = read_autoawq(out)
+    assert cfg == model.config and set(back.floats) == set(qw.floats)
+    for name, w in qw.floats.items():
+        assert torch.equal(back.floats[name], w.half().float()), name  # stored as fp16
+    for name, (q, scale, zero) in qw.quantized.items():
+        q2, scale2, zero2 = back.quantized[name]
+        assert torch.equal(q2, q) and torch.equal(zero2, zero) and torch.equal(scale2, scale.half().float()), name
+    loaded, _ = load_autoawq_model(out)
+    assert set(loaded.weights) == set(model.weights)
