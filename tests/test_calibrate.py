@@ -79,7 +79,7 @@ def test_statistics_with_phi4_mini_rope_match_transformers(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("model_type,overrides", [
     ("gemma3_text", dict(layer_types=["sliding_attention", "full_attention"])),
-    ("gemma2", dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0)),
+    ("gemma2", dict(attn_logit_softcapping=0.25, final_logit_softcapping=2.0)),
 ])
 def test_gemma_statistics_match_transformers(model_type: str, overrides: dict, tmp_path: Path) -> None:
     """Gemma: embeddings times sqrt(hidden), (1 + w) norms around attention and MLP, a sliding

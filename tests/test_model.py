@@ -51,7 +51,7 @@ VARIANTS = {
     # Gemma 3 without q/k norms, sliding and full layers alternating, soft-capped attention scores
     # and final logits (caps small enough that these random scores and logits reach them)
     "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=24, num_hidden_layers=3,
-                   tie_word_embeddings=False, attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+                   tie_word_embeddings=False, attn_logit_softcapping=0.25, final_logit_softcapping=2.0),
 }
 
 
@@ -92,7 +92,7 @@ SLIDING_WINDOW = 20  # past a 16-token page, so the window starts mid-page
     ("gemma3_text", dict(sliding_window_pattern=2, head_dim=32, query_pre_attn_scalar=48)),
     # Gemma 2: every 2nd layer full, soft-capped scores in every attention kernel (a later prefill
     # chunk's full layers read the cache through awqc's paged prefill kernel)
-    ("gemma2", dict(head_dim=32, num_hidden_layers=3, attn_logit_softcapping=1.0, final_logit_softcapping=2.0)),
+    ("gemma2", dict(head_dim=32, num_hidden_layers=3, attn_logit_softcapping=0.25, final_logit_softcapping=2.0)),
 ])
 def test_sliding_window_attention_matches_transformers_past_its_window(
         model_type: str, overrides: dict, tmp_path: Path) -> None:
