@@ -80,12 +80,12 @@ def check_group_sizes(weights: Mapping[str, Any], scheme: QuantScheme, quantize_
     dimension (an error names the layer and the sizes that work)."""
     names = quantized_names(weights, quantize_head)
     for n in names:
-        scheme.check_layer(n, weights[n].shape[1])
+        scheme.check_layer(n, weights[n].shape[-1])
     return names
 
 
-def quantized_shapes(cfg: ModelConfig, quantize_head: bool = False) -> dict[str, tuple[int, int]]:
-    """The [N, K] of every linear that gets quantized, from the config alone (a tied head
+def quantized_shapes(cfg: ModelConfig, quantize_head: bool = False) -> dict[str, tuple[int, ...]]:
+    """The [N, K] of every linear that gets quantized ([E, N, K] of stacked experts), from the config alone (a tied head
     quantized with --quantize-head is its own parameter, lm_head.weight)."""
     shapes = expected_shapes(cfg)
     if quantize_head and cfg.tie_word_embeddings:

@@ -80,6 +80,20 @@ def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: 
     return isa
 
 
+def check_experts(cfg: ModelConfig, scheme: QuantScheme | None, method: str | None) -> None:
+    """A mixture of experts compiles in float or round-to-nearest W4A16: its experts' int4 kernel
+    takes float activations, and AWQ and GPTQ would need each expert's own calibration inputs."""
+    if not cfg.num_experts or scheme is None:
+        return
+    rtn = f"rtn-{dataclasses.replace(scheme, act_bits=16).name}"
+    if method not in (None, "rtn"):
+        raise QuantizationError(f"--quant {method}-{scheme.name}: AWQ and GPTQ of mixture-of-experts models "
+                                f"({cfg.model_type}) are not supported yet; use {rtn} (round to nearest)")
+    if scheme.act_bits == 8:
+        raise QuantizationError(f"{scheme.name} (int8 activations) is not supported for mixture-of-experts models "
+                                f"({cfg.model_type}) yet; use {rtn}")
+
+
 def w4_backend(spec: TargetSpec, scheme: QuantScheme, shapes: Iterable[tuple[int, int]]) -> W4Backend:
     """CUDA: layout k8 and schedules/cuda.py. CPU: the layout and knobs of the target's tuning
     record (schedules/records/, `awqc tune`) or the defaults; k8 if the layout cannot hold
@@ -158,8 +172,8 @@ def compile_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: s
 
     scheme = quant.scheme if quant else None
     shapes = quantized_shapes(model.config, quant.quantize_head) if quant else {}
-    for name, (_, k) in shapes.items():
-        scheme.check_layer(name, k)  # before the minutes of calibration
+    for name, shape in shapes.items():
+        scheme.check_layer(name, shape[-1])  # before the minutes of calibration
 
     def parts(func: Any, names: list[str]) -> Iterator[Part]:
         if quant is None:
@@ -199,7 +213,10 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
     check_output(out, force, [Path(model.source)])
     check_int8_activations(spec, scheme, dtype)
-    backend = w4_backend(spec, scheme, shapes.values()) if scheme is not None else None
+    check_experts(model.config, scheme, method)
+    # stacked experts are always k8, read by their own kernel (w4_expert_matmul)
+    linears = [s for s in shapes.values() if len(s) == 2]
+    backend = w4_backend(spec, scheme, linears) if scheme is not None else None
     layout = backend.layout if backend else K8
     tokenizer = tokenizer_info(model)  # checks the chat template
     quantized = set(shapes)
@@ -277,7 +294,12 @@ def _write_part(writer: SafetensorsWriter, part: Part, wanted: set[str], dtype: 
         if name in wanted:  # e.g. a tied embedding whose head copy was quantized
             writer.write(name, cast(w))
     for name, (q, scale, zero) in quantized.items():
-        packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
+        if q.dim() == 3:  # stacked experts: k8, its rows independent, so E * N rows packed at once
+            e = q.shape[0]
+            packed = [a.reshape(e, -1, a.shape[-1]) for a in
+                      K8.pack(*(t.reshape(-1, t.shape[-1]).numpy() for t in (q, scale, zero)))]
+        else:
+            packed = layout.pack(q.numpy(), scale.numpy(), zero.numpy())
         for suffix, a in zip(("qweight", "scales", "zeros"), packed):  # in the layout's dtypes
             writer.write(f"{name}.{suffix}", a)
 

@@ -263,6 +263,9 @@ class BlockCalibrator:
         if len({len(s) for s in samples}) != 1:
             raise CalibrationError("calibration samples must all have the same length")
         self.cfg = model.config
+        if self.cfg.num_experts:
+            raise CalibrationError(f"calibration of mixture-of-experts models ({self.cfg.model_type}) is not supported "
+                                   "yet (AWQ and GPTQ need each expert's inputs); quantize with rtn-w4g… instead")
         self._weight_map = family(model.config.model_type)
         self._hf, self._layer_cls, rotary_cls, self._norm_cls = _family(model.config)
         ids = np.asarray(samples, dtype=np.int64)

@@ -90,6 +90,9 @@ class GGUFCheckpoint:
         except Exception as err:  # noqa: BLE001  (the gguf package raises anything on a damaged file)
             raise CheckpointError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
         arches = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+        if any("_exps." in t.name for t in reader.tensors):  # llama.cpp stacks experts as ffn_*_exps
+            raise CheckpointError(f"{path} is a mixture-of-experts GGUF, which awqc does not read yet; compile its "
+                                  "Hugging Face checkpoint (Mixtral and Qwen3-MoE are supported from those)")
         if arch not in arches:
             raise CheckpointError(f"{path} declares GGUF architecture {arch!r}, which the gguf package does not know")
         name_map = gguf.get_tensor_name_map(arches[arch], n_layers)

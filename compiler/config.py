@@ -46,6 +46,14 @@ class ModelConfig:
     # Gemma 2: attention scores and the final logits soft-capped to cap * tanh(x / cap) (None: not)
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Mixture of experts (Mixtral, Qwen3-MoE): in the layers moe_layers the MLP is num_experts
+    # experts of moe_intermediate_size, num_experts_per_tok of them chosen per token by a router
+    # (softmax, top-k, renormalized over the chosen when norm_topk_prob); the other layers are dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[int, ...] = ()
+    norm_topk_prob: bool = True
 
     @property
     def max_context(self) -> int:
@@ -77,6 +85,7 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
         out["sliding_layers"] = list(self.sliding_layers)
+        out["moe_layers"] = list(self.moe_layers)
         return out
 
     @classmethod
@@ -84,6 +93,7 @@ class ModelConfig:
         d = dict(d)
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
+        d["moe_layers"] = tuple(d.get("moe_layers", ()))
         return cls(**d)
 
 
@@ -239,7 +249,7 @@ def _attention_window(hf: dict[str, Any], model_type: str, layers: int,
     _check_int("sliding_window", window, 0, 2**31)
     # Gemma always slides in its sliding layers, whose RoPE base also differs in Gemma 3 (so they
     # are kept even when the window spans the whole context).
-    default_on = model_type == "mistral" or gemma
+    default_on = model_type in ("mistral", "mixtral") or gemma
     if not (window and _bool(hf, "use_sliding_window", default_on) and (gemma or window < max_positions)):
         return None, ()
     layer_types = _gemma_layer_types(hf, model_type, layers) if gemma else hf.get("layer_types")
@@ -249,7 +259,7 @@ def _attention_window(hf: dict[str, Any], model_type: str, layers: int,
             raise _bad("layer_types", layer_types, f"a list of {layers} entries (one per layer), each "
                        f"{' or '.join(map(repr, kinds))}")
         sliding = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
-    elif model_type == "mistral":
+    elif model_type in ("mistral", "mixtral"):
         sliding = tuple(range(layers))
     else:
         first = _int(hf, "max_window_layers", 0, MAX_LAYERS, default=28)  # transformers' Qwen2 default
@@ -448,6 +458,33 @@ def _gemma3_rope(hf: dict[str, Any], head_dim: int, max_positions: int) -> tuple
     return theta, full_scaling, local_theta
 
 
+# ------------------------------------------------------------------------------- experts
+MAX_EXPERTS = 4096
+MOE_TYPES = ("mixtral", "qwen3_moe")
+
+
+def _experts(hf: dict[str, Any], model_type: str, layers: int, intermediate: int) -> dict[str, Any]:
+    """The ModelConfig fields of a mixture of experts, as MixtralConfig / Qwen3MoeConfig read them
+    (Qwen3's hub files say num_experts, transformers 5 writes num_local_experts); {} for a dense
+    model."""
+    if model_type not in MOE_TYPES:
+        return {}
+    key = "num_local_experts" if hf.get("num_local_experts") is not None else "num_experts"
+    experts = _int(hf, key, 1, MAX_EXPERTS, default=8 if model_type == "mixtral" else 128)
+    top_k = _int(hf, "num_experts_per_tok", 1, experts, default=2 if model_type == "mixtral" else 8)
+    if model_type == "mixtral":  # every layer's MLP is a mixture, renormalized over the chosen experts
+        return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=intermediate,
+                    moe_layers=tuple(range(layers)), norm_topk_prob=True)
+    step = _int(hf, "decoder_sparse_step", 1, MAX_LAYERS, default=1)
+    dense = hf.get("mlp_only_layers") or []
+    if not (isinstance(dense, list) and all(_is_int(i) and 0 <= i < layers for i in dense)):
+        raise _bad("mlp_only_layers", dense, f"a list of layer indices from 0 to {layers - 1}")
+    return dict(num_experts=experts, num_experts_per_tok=top_k,
+                moe_intermediate_size=_int(hf, "moe_intermediate_size", 1, MAX_INTERMEDIATE, default=768),
+                moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+                norm_topk_prob=_bool(hf, "norm_topk_prob", False))
+
+
 # ------------------------------------------------------------------------------- public
 def config_from_hf(hf: Any) -> ModelConfig:
     """Build a ModelConfig from a Hugging Face config.json (parsed JSON, untrusted), refusing with an
@@ -521,6 +558,7 @@ def config_from_hf(hf: Any) -> ModelConfig:
         rotary_dim=rotary_dim,
         attn_logit_softcapping=_softcap(hf, "attn_logit_softcapping") if gemma else None,
         final_logit_softcapping=_softcap(hf, "final_logit_softcapping") if gemma else None,
+        **_experts(hf, model_type, layers, intermediate),
     )
 
 

@@ -3,6 +3,7 @@ or the embedded default model."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -113,7 +114,7 @@ def _load_gguf(path: Path) -> ImportedModel:
     if hf_cfg.get("model_type") in GGUF_GEMMA:
         _gguf_gemma_attention(path, hf_cfg)
     cfg = config_from_hf(hf_cfg)
-    names = family(cfg.model_type).checkpoint_names(cfg.num_hidden_layers)
+    names = family(cfg.model_type).checkpoint_names(cfg)
     reader = _open(lambda: GGUFCheckpoint(path, cfg.num_attention_heads, cfg.num_key_value_heads,
                                           cfg.num_hidden_layers, names))
     weights = LazyWeights(cfg, reader)
@@ -194,15 +195,24 @@ def weight_parts(cfg: ModelConfig) -> list[tuple[str | int, list[str]]]:
             + [("head", ["norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"]))])
 
 
+def _fits(got: list[tuple[int, ...]], shape: tuple[int, ...]) -> bool:
+    """Whether checkpoint tensors of shapes `got`, concatenated along their first axis, make a
+    parameter of `shape`: fused ([q; k; v] rows) or also stacked (E experts' [N, K] → [E, N, K])."""
+    inner = len(got[0]) - 1
+    rows = int(np.prod(shape[:len(shape) - inner], dtype=np.int64))
+    return all(len(g) == inner + 1 and g[1:] == shape[len(shape) - inner:] for g in got) and \
+        sum(g[0] for g in got) == rows
+
+
 class LazyWeights(Mapping[str, np.ndarray]):
-    """awqc's parameters (fused, float32) read from a checkpoint on each access and never kept:
-    the caller decides what stays in memory. Shapes are checked against the config when opened,
-    finiteness when a tensor is read."""
+    """awqc's parameters (fused or stacked, float32) read from a checkpoint on each access and
+    never kept: the caller decides what stays in memory. Shapes are checked against the config
+    when opened, finiteness when a tensor is read."""
 
     def __init__(self, cfg: ModelConfig, checkpoint: Checkpoint):
         self._ckpt = checkpoint
         self._shapes = expected_shapes(cfg)
-        self._parts = family(cfg.model_type).checkpoint_parts
+        self._parts = functools.partial(family(cfg.model_type).checkpoint_parts, cfg)
         present = set(checkpoint.names())
         for name, shape in self._shapes.items():
             parts = self._parts(name)
@@ -210,7 +220,7 @@ class LazyWeights(Mapping[str, np.ndarray]):
             if missing:
                 raise ModelImportError(f"weight {missing[0]} is missing from {checkpoint.source}")
             got = [checkpoint.shape(p) for p in parts]
-            if any(g[1:] != shape[1:] for g in got) or sum(g[0] for g in got) != shape[0]:
+            if not _fits(got, shape):
                 detail = ", ".join(f"{p} {g}" for p, g in zip(parts, got))
                 raise ModelImportError(f"weight {detail} does not fit config.json, which implies {name} {shape}")
 
@@ -218,7 +228,7 @@ class LazyWeights(Mapping[str, np.ndarray]):
         if name not in self._shapes:
             raise KeyError(name)
         parts = [self._ckpt.read(p) for p in self._parts(name)]
-        w = parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
+        w = (parts[0] if len(parts) == 1 else np.concatenate(parts, 0)).reshape(self._shapes[name])
         if not np.isfinite(w).all():
             raise ModelImportError(f"weight {name} in {self._ckpt.source} contains NaN or inf; the checkpoint is "
                                    "damaged")

@@ -6,6 +6,10 @@ replaced in that tuple by three entries (W.qweight, W.scales, W.zeros), and each
 when the rows are statically 1 (decode), a GEMM over dynamic rows otherwise (prefill). The
 packing layout (schedules/layouts.py) gives the three entries' shapes and the kernel that reads
 them; the target's scheduler schedules it.
+
+Stacked experts W [E, N, K] (compiler/models/moe.py) are packed k8 per expert, whatever the
+model's layout, into [E, ...] parts, and their `expert_matmul` calls become `w4_expert_matmul`
+calls, which read only the experts each token chose.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from awqc.schedules.layouts import DTYPES, K8, Layout
+from awqc.schedules.w4_kernels import w4_expert_matmul
+
+EXPERT_MATMUL = "expert_matmul"  # compiler/models/moe.py's kernel name
 
 # A kernel scheduler: (unscheduled kernel, group size, static rows or None) -> scheduled kernel.
 Scheduler = Callable[[tvm.tirx.PrimFunc, int, "int | None"], tvm.tirx.PrimFunc]
@@ -33,8 +40,10 @@ def quantized_param_names(names: list[str], quantized: set[str]) -> list[str]:
 
 
 def _quant_ty(ty: relax.TensorType, group: int, layout: Layout) -> list[relax.TensorType]:
-    n, k = (int(d) for d in ty.shape.values)
-    return [relax.TensorType(shape, dtype)
+    *experts, n, k = (int(d) for d in ty.shape.values)
+    if experts:
+        layout = K8
+    return [relax.TensorType((*experts, *shape), dtype)
             for shape, dtype in zip(layout.shapes(n, k, group), DTYPES)]
 
 
@@ -61,6 +70,10 @@ class _LinearRewriter(PyExprMutator):
         elif _is_op(value, "matmul") and value.args[1] in self.parts:
             self._emit_linear(binding.var, self.visit_expr(value.args[0]), self.parts[value.args[1]],
                               self.weight_shape[value.args[1]])
+        elif _is_expert_matmul(value) and value.args[1].fields[2] in self.parts:
+            x, chosen, w = value.args[1].fields
+            self._emit_experts(binding.var, self.visit_expr(x), self.visit_expr(chosen), self.parts[w],
+                               self.weight_shape[w])
         else:
             super().visit_var_binding_(binding)
 
@@ -92,6 +105,27 @@ class _LinearRewriter(PyExprMutator):
         y2 = bb.emit(relax.call_tir(self.kernels[key], [x2, *parts], relax.TensorType([rows, n], dtype)))
         y = bb.emit(relax.op.reshape(y2, [*lead, n]), name_hint=var.name)
         self.set_var_remap(var, y)
+
+
+    def _emit_experts(self, var: relax.Var, x: relax.Expr, chosen: relax.Expr, parts: list[relax.Var],
+                      shape: tuple[int, ...]) -> None:
+        experts, n, k = shape
+        slots = int(chosen.ty.shape.values[1])
+        per_slot = len(x.ty.shape.values) == 3
+        key = ("experts", experts, n, k, slots, per_slot, x.ty.dtype)
+        if key not in self.kernels:
+            kernel = w4_expert_matmul(k, n, self.group, experts, slots, x.ty.dtype, per_slot)
+            self.kernels[key] = self.builder_.add_func(kernel.with_attr("op_pattern", _OPAQUE),
+                                                       f"w4_experts_{experts}x{k}x{n}_g{self.group}")
+        tokens = x.ty.shape.values[0]
+        y = self.builder_.emit(relax.call_tir(self.kernels[key], [x, chosen, *parts],
+                                              relax.TensorType([tokens, slots, n], x.ty.dtype)), name_hint=var.name)
+        self.set_var_remap(var, y)
+
+
+def _is_expert_matmul(expr: relax.Expr) -> bool:
+    return (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir"
+            and isinstance(expr.args[0], tvm.ir.GlobalVar) and expr.args[0].name_hint.startswith(EXPERT_MATMUL))
 
 
 def _product(dims: list) -> object:
@@ -135,7 +169,7 @@ def quantize_linear(mod: tvm.IRModule, param_names: list[str], quantized: set[st
         fields = []
         for i, ty in enumerate(old_packed.ty.fields):
             fields.extend(_quant_ty(ty, group, layout) if i in quantized_idx else [ty])
-        shapes = {i: tuple(int(d) for d in old_packed.ty.fields[i].shape.values) for i in quantized_idx}
+        shapes = {i: tuple(int(d) for d in old_packed.ty.fields[i].shape.values) for i in quantized_idx}  # [(E,) N, K]
         new_packed = relax.Var("packed_params", relax.TupleType(fields))
         rewriter = _LinearRewriter(mod, old_packed, new_packed, index_map, quantized_idx, group, schedule,
                                    layout, shapes)

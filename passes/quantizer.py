@@ -106,7 +106,11 @@ def quantize(w: torch.Tensor, scheme: QuantScheme,
              clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [N, K] → (q uint8 [N, K] in [0, qmax], scale [N, K/G], zero [N, K/G]). Rows are
     independent, so a large weight (an LM head of 128k rows) is done a chunk of rows at a time:
-    the float temporaries stay a few MB instead of several copies of the weight."""
+    the float temporaries stay a few MB instead of several copies of the weight. Stacked experts
+    [E, N, K] are E * N such rows, and keep their leading dimension."""
+    if w.dim() > 2:
+        flat = quantize(w.reshape(-1, w.shape[-1]), scheme, None if clip is None else clip.reshape(-1, clip.shape[-1]))
+        return tuple(a.reshape(*w.shape[:-1], a.shape[-1]) for a in flat)  # type: ignore[return-value]
     n, k = w.shape
     rows = max(1, _CHUNK_ELEMENTS // k)
     q = torch.empty(n, k, dtype=torch.uint8)
@@ -122,9 +126,9 @@ def quantize(w: torch.Tensor, scheme: QuantScheme,
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    n, k = q.shape
-    g = q.reshape(n, k // group_size, group_size).to(scale.dtype)
-    return ((g - zero[..., None]) * scale[..., None]).reshape(n, k)
+    """Inverse of quantize (up to rounding): q [..., N, K] → float [..., N, K]."""
+    g = q.reshape(*q.shape[:-1], q.shape[-1] // group_size, group_size).to(scale.dtype)
+    return ((g - zero[..., None]) * scale[..., None]).reshape(q.shape)
 
 
 def fake_quantize(w: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,7 +142,7 @@ class QuantizedWeights:
     """A model's weights after quantization: the linear weights as (q, scale, zero), and every other
     parameter (norms AWQ rescaled, embeddings, biases) in float."""
     scheme: QuantScheme
-    quantized: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # name -> (q uint8 [N,K], scale, zero)
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # name -> (q uint8 [(E,) N, K], scale, zero)
     floats: dict[str, torch.Tensor]
 
     def dequantized(self) -> dict[str, torch.Tensor]:
@@ -150,9 +154,13 @@ class QuantizedWeights:
 
 
 def is_quantized_linear(name: str, shape: tuple[int, ...], quantize_head: bool = False) -> bool:
-    """Which parameters are linear weights to quantize: 2-D weights of the decoder layers (and the
-    untied LM head if asked). The embedding stays float: it is a lookup, not a matmul."""
-    if len(shape) != 2 or not name.endswith(".weight") or name == "embed_tokens.weight":
+    """Which parameters are linear weights to quantize: 2-D weights of the decoder layers and
+    stacked experts [E, N, K] (and the untied LM head if asked). The embedding stays float: it is a lookup, not a matmul; so does a
+    mixture of experts' router (E outputs: a few KB that choose which experts run, which llama.cpp
+    and AutoAWQ keep in float too)."""
+    stacked_experts = len(shape) == 3 and ".experts." in name
+    if not (len(shape) == 2 or stacked_experts) or not name.endswith(".weight") or name == "embed_tokens.weight" \
+            or ".router." in name:
         return False
     return quantize_head or name != "lm_head.weight"
 
@@ -163,7 +171,7 @@ def rtn_quantize(weights: dict[str, torch.Tensor], scheme: QuantScheme,
     quantized, floats = {}, {}
     for name, w in weights.items():
         if is_quantized_linear(name, tuple(w.shape), quantize_head):
-            scheme.check_layer(name, w.shape[1])
+            scheme.check_layer(name, w.shape[-1])
             quantized[name] = quantize(w, scheme)
         else:
             floats[name] = w

@@ -26,10 +26,13 @@ def zeros_shape(rows: int, columns: int) -> tuple[int, int]:
     return rows, -(-columns // ZEROS_PER_WORD)
 
 
-def zero_at(zeros, row, column):
-    """Zero point (row, column) of packed zeros as float32: nibble column % 8 of word column // 8."""
+def zero_at(zeros, *index):
+    """Zero point [..., row, column] of packed zeros as float32: nibble column % 8 of word column // 8
+    (leading indices: an expert's, of stacked experts)."""
+    *rows, column = index
     return T.Cast("float32", T.bitwise_and(T.shift_right(
-        zeros[row, column // ZEROS_PER_WORD], T.Cast("uint32", column % ZEROS_PER_WORD) * T.uint32(4)), T.uint32(15)))
+        zeros[(*rows, column // ZEROS_PER_WORD)], T.Cast("uint32", column % ZEROS_PER_WORD) * T.uint32(4)),
+        T.uint32(15)))
 
 
 def pack_k8(q: np.ndarray) -> np.ndarray:
@@ -273,3 +276,58 @@ def _check_interleaved(k: int, n: int, group: int, lanes: int, rows: int) -> Non
         raise ValueError(f"layout i{lanes}r{rows} needs K a multiple of {PACK * lanes} and of the group size "
                          f"{group}, the group a multiple of {lanes} and N a multiple of {rows}; "
                          f"got K={k}, N={n}, group {group}")
+
+
+# --- mixture of experts ------------------------------------------------------------------------------
+def w4_expert_matmul(k: int, n: int, group: int, experts: int, slots: int, dtype: str,
+                     per_slot: bool) -> tirx.PrimFunc:
+    """y[t, j, o] = sum_r x[t, r] * W_e[o, r] for e = chosen[t, j] (x[t, j, r] where `per_slot`),
+    with every expert's int4 weight W_e in layout k8, stacked: qweight [E, N, K/8], scales and
+    zeros [E, N, ...] as k8's. Only the chosen experts' rows are read. Scheduled as written: rows
+    in parallel per (token, slot); per row, 8 lanes (one per nibble of a word) accumulate x * q
+    and the group's sum of x, so the zero point costs one FMA per group, not per weight."""
+    if k % PACK or group % PACK or k % group:
+        raise ValueError(f"K={k} must be a multiple of 8 and of the group size {group}")
+    kw, ng, words = k // PACK, k // group, group // PACK
+
+    def load_x(x, t, j, col):
+        return T.Cast("float32", x[t, j, col] if per_slot else x[t, col])
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_x: T.handle, var_chosen: T.handle, qweight: T.Buffer((experts, n, kw), "uint32"),
+               scales: T.Buffer((experts, n, ng), SCALE_DTYPE), zeros: T.Buffer((experts, *zeros_shape(n, ng)), "uint32"),
+               var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        tokens = T.int64()
+        x = T.match_buffer(var_x, (tokens, slots, k) if per_slot else (tokens, k), dtype)
+        chosen = T.match_buffer(var_chosen, (tokens, slots), "int32")
+        y = T.match_buffer(var_y, (tokens, slots, n), dtype)
+        for t, j in T.grid(tokens, T.int64(slots)):
+            for o in T.parallel(n):
+                with T.sblock("expert_row"):
+                    T.reads()
+                    T.writes()
+                    acc = T.sblock_alloc_buffer((PACK,), "float32")
+                    part = T.sblock_alloc_buffer((PACK,), "float32")
+                    xsum = T.sblock_alloc_buffer((PACK,), "float32")
+                    e: T.let[T.int32] = chosen[t, j]
+                    for b in T.vectorized(PACK):
+                        acc[b] = T.float32(0)
+                    for g in T.serial(ng):
+                        for b in T.vectorized(PACK):
+                            part[b] = T.float32(0)
+                            xsum[b] = T.float32(0)
+                        for w in T.serial(words):
+                            for b in T.vectorized(PACK):  # nibble b of the word: column g*G + 8w + b
+                                part[b] = part[b] + load_x(x, t, j, g * group + w * PACK + b) * T.Cast(
+                                    "float32", T.bitwise_and(T.shift_right(qweight[e, o, g * words + w],
+                                                                           T.Cast("uint32", b) * T.uint32(4)),
+                                                             T.uint32(15)))
+                                xsum[b] = xsum[b] + load_x(x, t, j, g * group + w * PACK + b)
+                        for b in T.vectorized(PACK):
+                            acc[b] = acc[b] + T.Cast("float32", scales[e, o, g]) * (
+                                part[b] - zero_at(zeros, e, o, g) * xsum[b])
+                    y[t, j, o] = T.Cast(dtype, acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7])
+
+    return kernel
+

@@ -111,7 +111,7 @@ def test_streaming_writer_refuses_incomplete(tmp_path: Path) -> None:
         SafetensorsWriter(tmp_path / "x.safetensors", ["a"]).write("z", np.zeros(1, np.float32))
 
 
-def _gguf_of(model, arch: str, out: Path) -> Path:
+def _gguf_of(model, arch: str, out: Path, extra: dict[str, np.ndarray] | None = None) -> Path:
     """A float32 GGUF of a transformers model as llama.cpp's converter lays one out for `arch`
     (tensor names from gguf's map, no q/k permutation outside llama, Gemma's norm weights stored
     as 1 + w and its soft-caps as metadata), with the default model's tokenizer (the model's vocab_size must be its 49152)."""
@@ -159,11 +159,26 @@ def _gguf_of(model, arch: str, out: Path) -> Path:
             continue
         shift = 1.0 if arch in ("gemma2", "gemma3") and name.endswith("norm.weight") else 0.0
         w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy() + shift)
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def test_mixture_of_experts_gguf_is_refused(tmp_path: Path) -> None:
+    """llama.cpp's Mixtral GGUFs say architecture llama and stack each layer's experts as
+    ffn_*_exps tensors: refused by name, not read as a dense Llama missing its MLP."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256)).eval()
+    path = _gguf_of(hf, "llama", tmp_path / "moe.gguf", {"blk.0.ffn_gate_exps.weight": np.zeros((4, 8, 64), np.float32)})
+    with pytest.raises(ModelImportError, match="is a mixture-of-experts GGUF, which awqc does not read yet"):
+        load_model(str(path))
 
 
 def test_phi3_gguf_reads_its_rope(tmp_path: Path) -> None:

@@ -50,6 +50,11 @@ VARIANTS = {
                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     # Gemma 3 without q/k norms, sliding and full layers alternating, soft-capped attention scores
     # and final logits (caps small enough that these random scores and logits reach them)
+    # mixtures of experts: router softmax, top-2 of 4 experts renormalized, stacked expert weights
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+    # Qwen3-MoE: q/k norms, top-3 of 5 without renormalizing, its own expert width, layer 1 dense
+    "qwen3-moe": dict(model_type="qwen3_moe", num_experts=5, num_experts_per_tok=3, moe_intermediate_size=32,
+                      norm_topk_prob=False, head_dim=16, mlp_only_layers=[1]),
     "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=24, num_hidden_layers=3,
                    tie_word_embeddings=False, attn_logit_softcapping=0.25, final_logit_softcapping=2.0),
 }
@@ -115,3 +120,4 @@ def test_sliding_window_attention_matches_transformers_past_its_window(
         assert token == ref_tokens[step]
         logits = engine.decode(token)
         assert rel_err(logits, ref_steps[step]) < 1e-4
+

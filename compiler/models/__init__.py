@@ -4,8 +4,8 @@ A family is one package here exposing:
 - `export_model(cfg, dtype, target, separate_head)` → (Relax IRModule, parameter list), its
   `tvm.relax.frontend.nn` definition;
 - `expected_shapes(cfg)` → every awqc parameter name and shape;
-- `checkpoint_parts(name)` → the checkpoint tensors an awqc parameter is fused from;
-- `checkpoint_names(n_layers)` → every tensor name a checkpoint of the family may hold;
+- `checkpoint_parts(cfg, name)` → the checkpoint tensors an awqc parameter is fused or stacked from;
+- `checkpoint_names(cfg)` → every tensor name a checkpoint of the family may hold;
 - `hf_block_weights(cfg, weights, prefix)` → a block's awqc weights under the names of
   transformers' decoder layer, and `HF_TAPS` (that layer's linears whose inputs calibration taps
   → the awqc weight each feeds): calibration runs transformers' own layer for its family.
@@ -21,8 +21,10 @@ from types import ModuleType
 FAMILIES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "mistral": ("MistralForCausalLM", "llama"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
     "qwen2": ("Qwen2ForCausalLM", "llama"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": ("Gemma3ForCausalLM", "gemma3"),

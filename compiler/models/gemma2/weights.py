@@ -16,9 +16,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: v for k, v in gemma3.expected_shapes(cfg).items() if not k.endswith(_QK_NORMS)}
 
 
-def checkpoint_names(n_layers: int) -> list[str]:
+def checkpoint_names(cfg: ModelConfig) -> list[str]:
     """Every tensor name a Gemma 2 checkpoint may hold, without the `model.` prefix."""
-    return [n for n in gemma3.checkpoint_names(n_layers) if not n.endswith(_QK_NORMS)]
+    return [n for n in gemma3.checkpoint_names(cfg) if not n.endswith(_QK_NORMS)]
 
 
 __all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "embedding_scale", "expected_shapes", "hf_block_weights"]

@@ -34,9 +34,9 @@ def embedding_scale(cfg: ModelConfig) -> float:
     return float(np.float32(math.sqrt(cfg.hidden_size)))
 
 
-def checkpoint_names(n_layers: int) -> list[str]:
+def checkpoint_names(cfg: ModelConfig) -> list[str]:
     """Every tensor name a Gemma 3 checkpoint may hold, without the `model.` prefix."""
-    return llama.checkpoint_names(n_layers) + [f"layers.{n}.{w}" for n in range(n_layers) for w in _NORMS]
+    return llama.checkpoint_names(cfg) + [f"layers.{n}.{w}" for n in range(cfg.num_hidden_layers) for w in _NORMS]
 
 
 __all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "embedding_scale", "expected_shapes", "hf_block_weights"]

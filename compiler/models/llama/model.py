@@ -53,12 +53,16 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention = LlamaAttention  # a family that changes only attention overrides this
 
-    def __init__(self, cfg: ModelConfig, dtype: str):
+    def __init__(self, cfg: ModelConfig, dtype: str, layer: int):
         eps = cfg.rms_norm_eps
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False, dtype=dtype)
         self.self_attn = self.attention(cfg, dtype)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False, dtype=dtype)
-        self.mlp = LlamaMLP(cfg, dtype)
+        self.mlp = self.make_mlp(cfg, dtype, layer)
+
+    def make_mlp(self, cfg: ModelConfig, dtype: str, layer: int) -> nn.Module:
+        """Layer `layer`'s MLP (a mixture-of-experts family's is experts in its MoE layers)."""
+        return LlamaMLP(cfg, dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
@@ -83,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg, self.dtype, self.target = cfg, dtype, target
         self.tied = cfg.tie_word_embeddings and not separate_head
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([self.layer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.layer(cfg, dtype, i) for i in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         if not self.tied:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
@@ -185,6 +189,10 @@ def export(model: LlamaForCausalLM) -> tuple[Any, list[tuple[str, Any]]]:
             f"this model soft-caps its attention scores (attn_logit_softcapping {cfg.attn_logit_softcapping}, as "
             f"Gemma 2 does), which awqc's {target.kind.name} attention kernels (TVM's) do not compute; compile "
             "it for a CPU target (host, x86-avx2, arm-neon, ...)")
+    if cfg.num_experts and target.kind.name != "llvm":
+        raise UnsupportedModelError(
+            f"mixture-of-experts models ({cfg.model_type}) compile for CPU targets only so far (their expert "
+            f"kernels are not scheduled for {target.kind.name}); compile for host, x86-avx2, arm-neon, ...")
     mod, params = model.export_tvm(spec=export_spec())
     if target.kind.name == "llvm":  # the KV cache's CPU kernels are serial scalar loops: parallel ones
         softcap = cfg.attn_logit_softcapping

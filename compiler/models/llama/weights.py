@@ -40,7 +40,7 @@ def block_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checkpoint_parts(name: str) -> list[str]:
+def checkpoint_parts(cfg: ModelConfig, name: str) -> list[str]:
     """The checkpoint tensors an awqc parameter is made of (q/k/v and gate/up are fused)."""
     if ".qkv_proj." in name:
         return [name.replace("qkv_proj", f"{x}_proj") for x in "qkv"]
@@ -49,11 +49,11 @@ def checkpoint_parts(name: str) -> list[str]:
     return [name]
 
 
-def checkpoint_names(n_layers: int) -> list[str]:
+def checkpoint_names(cfg: ModelConfig) -> list[str]:
     """Every tensor name a checkpoint of the family may hold (biases included), as Hugging Face
     names them without the `model.` prefix."""
     names = ["embed_tokens.weight", "norm.weight", "lm_head.weight"]
-    for i in range(n_layers):
+    for i in range(cfg.num_hidden_layers):
         names += block_checkpoint_names(f"layers.{i}")
     return names
 

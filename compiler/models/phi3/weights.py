@@ -14,14 +14,14 @@ HF_TAPS = {m: f"{m}.weight" for m in ("self_attn.qkv_proj", "self_attn.o_proj", 
                                            "mlp.down_proj")}
 
 
-def checkpoint_parts(name: str) -> list[str]:
+def checkpoint_parts(cfg: ModelConfig, name: str) -> list[str]:
     return [name]
 
 
-def checkpoint_names(n_layers: int) -> list[str]:
+def checkpoint_names(cfg: ModelConfig) -> list[str]:
     """Every tensor name a Phi-3 checkpoint holds, without the `model.` prefix."""
     names = ["embed_tokens.weight", "norm.weight", "lm_head.weight"]
-    for i in range(n_layers):
+    for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}"
         names += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
                   f"{p}.self_attn.qkv_proj.weight", f"{p}.self_attn.o_proj.weight",

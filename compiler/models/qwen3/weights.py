@@ -16,9 +16,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checkpoint_names(n_layers: int) -> list[str]:
+def checkpoint_names(cfg: ModelConfig) -> list[str]:
     """Every tensor name a Qwen3 checkpoint may hold, without the `model.` prefix."""
-    return llama.checkpoint_names(n_layers) + [f"layers.{n}.{w}" for n in range(n_layers) for w in _QK_NORMS]
+    return llama.checkpoint_names(cfg) + [f"layers.{n}.{w}" for n in range(cfg.num_hidden_layers) for w in _QK_NORMS]
 
 
 __all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "embedding_scale", "expected_shapes", "hf_block_weights"]

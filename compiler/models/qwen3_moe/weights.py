@@ -1,0 +1,42 @@
+"""Qwen3-MoE's weight map: Qwen3's attention and norms; in each MoE layer a router [E, H] and the
+experts stacked (`experts.gate_up_proj.weight` [E, 2I, H], `experts.down_proj.weight` [E, H, I])
+from the checkpoint's `mlp.gate` and `mlp.experts.{e}.gate_proj / up_proj / down_proj`."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from awqc.compiler.config import ModelConfig
+from awqc.compiler.models.llama import weights as llama
+from awqc.compiler.models.llama.weights import embedding_scale
+from awqc.compiler.models import moe
+from awqc.compiler.models.moe import CheckpointNames, with_experts
+from awqc.compiler.models.qwen3 import weights as qwen3
+
+HF_TAPS = llama.HF_TAPS
+NAMES = CheckpointNames(block="mlp", router="gate", gate="gate_proj", up="up_proj", down="down_proj")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every float parameter awqc's Qwen3-MoE takes, with its shape."""
+    return with_experts(cfg, qwen3.expected_shapes(cfg))
+
+
+def checkpoint_parts(cfg: ModelConfig, name: str) -> list[str]:
+    return NAMES.parts(cfg, name) or llama.checkpoint_parts(cfg, name)
+
+
+def checkpoint_names(cfg: ModelConfig) -> list[str]:
+    """Every tensor name a Qwen3-MoE checkpoint may hold, without the `model.` prefix."""
+    moe = {f"layers.{n}.mlp." for n in cfg.moe_layers}
+    dense = [n for n in qwen3.checkpoint_names(cfg) if not any(n.startswith(p) for p in moe)]
+    return dense + NAMES.names(cfg)
+
+
+def hf_block_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A block's awqc weights as transformers' Qwen3MoeDecoderLayer names them."""
+    return moe.hf_block_weights(cfg, weights, prefix, llama.hf_block_weights)
+
+
+__all__ = ["HF_TAPS", "checkpoint_names", "checkpoint_parts", "embedding_scale", "expected_shapes", "hf_block_weights"]
