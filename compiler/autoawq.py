@@ -257,8 +257,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
         "torch_dtype": "float16",
     }
-    if cfg.model_type in ("llama", "qwen3"):  # Qwen2's q/k/v biases are implied by its type
+    if cfg.model_type in ("llama", "qwen3", "qwen3_moe"):  # Qwen2's q/k/v biases are implied by its type
         out["attention_bias"] = cfg.attention_bias
+    if cfg.num_experts:
+        out.update(_experts_hf_config(cfg))
     if cfg.model_type in ("gemma2", "gemma3_text"):
         return _gemma_hf_config(cfg, out)
     if cfg.rotary_dim is not None:  # Phi-4-mini
@@ -268,13 +270,23 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         out["rope_scaling"] = {"rope_type": "longrope", "short_factor": r["short_factor"],
                                "long_factor": r["long_factor"], "attention_factor": r["attention_factor"]}
         out["original_max_position_embeddings"] = r["original_max_position_embeddings"]
-    if cfg.model_type == "mistral":  # Mistral slides in every layer whenever sliding_window is set
+    if cfg.model_type in ("mistral", "mixtral"):  # they slide in every layer whenever sliding_window is set
         out["sliding_window"] = cfg.sliding_window
     elif cfg.sliding_window is not None:  # Qwen: layer_types says which layers slide
         out.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
                    layer_types=["sliding_attention" if i in cfg.sliding_layers else "full_attention"
                                 for i in range(cfg.num_hidden_layers)])
     return out
+
+
+def _experts_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """hf_config's mixture-of-experts fields, as MixtralConfig / Qwen3MoeConfig read them."""
+    if cfg.model_type == "mixtral":
+        return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok}
+    return {"num_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+            "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(cfg.num_hidden_layers) if i not in cfg.moe_layers]}
 
 
 def _gemma_hf_config(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .calibrate import CalibrationStats
 from .config import ModelConfig
 from .model_import import ImportedModel, expected_shapes, weight_parts
 from .models import family
+from .models.moe import stack_experts, unstack_experts
 from .targets import get_target
 
 AWQ_METHODS = ("awq", "awq+gptq")  # compile methods that calibrate
@@ -70,6 +71,18 @@ def torch_weights(model: ImportedModel) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in model.weights.items()}
 
 
+def awq_weights(model: ImportedModel) -> dict[str, torch.Tensor]:
+    """The weights as AWQ sees them: stacked experts as one [N, K] linear per expert (views)."""
+    return unstack_experts(torch_weights(model))
+
+
+def _stacked(cfg: ModelConfig, qw: QuantizedWeights) -> QuantizedWeights:
+    """AWQ's per-expert results stacked back as the compiled model takes them."""
+    if not cfg.num_experts:
+        return qw
+    return QuantizedWeights(qw.scheme, stack_experts(cfg, qw.quantized), stack_experts(cfg, qw.floats))
+
+
 def quantized_names(weights: Mapping[str, Any], quantize_head: bool = False) -> list[str]:
     """The linears that get quantized (weights: torch tensors or numpy arrays)."""
     return [n for n, w in weights.items() if is_quantized_linear(n, tuple(w.shape), quantize_head)]
@@ -94,7 +107,11 @@ def quantized_shapes(cfg: ModelConfig, quantize_head: bool = False) -> dict[str,
 
 
 def _score_function(model: ImportedModel):
-    mod, named = family(model.config.model_type).export_model(model.config, "float32", get_target("host").target())
+    """The graph AWQ finds its groups in: the model's, or for a mixture of experts its view with
+    one linear per expert (compiler/models/moe.py)."""
+    fam, cfg = family(model.config.model_type), model.config
+    mod, named = fam.export_awq_view(cfg) if cfg.num_experts else fam.export_model(cfg, "float32",
+                                                                                 get_target("host").target())
     return mod["score"], [n for n, _ in named]
 
 
@@ -140,14 +157,20 @@ def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationSt
                  quantize_head: bool = False, progress: bool = True, duo_scaling: bool = DUO_SCALING,
                  gptq: bool = False) -> AWQResult:
     """AWQ on the whole model at once: find the scaling groups in the model's graph, search and
-    fold their scales, search clipping ranges, quantize every linear weight."""
-    weights = torch_weights(model)
+    fold their scales, search clipping ranges, quantize every linear weight. The result's weights
+    and scaled weights are named as the compiled model's (stacked experts)."""
+    weights = awq_weights(model)
     names = check_group_sizes(weights, scheme, quantize_head)
     check_finite_weights(weights, list(weights))
     func, param_names = _score_function(model)
     groups = find_scaling_groups(func, param_names)
-    return awq_block(weights, names, groups, attention_qk_rows(func, param_names), stats, scheme, clip, progress,
-                     duo_scaling, gptq)
+    result = awq_block(weights, names, groups, attention_qk_rows(func, param_names), stats, scheme, clip, progress,
+                       duo_scaling, gptq)
+    cfg = model.config
+    if cfg.num_experts:
+        result = dataclasses.replace(result, weights=_stacked(cfg, result.weights),
+                                     scaled=stack_experts(cfg, result.scaled))
+    return result
 
 
 def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: list[str],
@@ -166,6 +189,8 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
     calibration = groups = qk_rows = None
     searched: dict[str, float] = {}
     if quant.method in AWQ_METHODS:
+        if cfg.num_experts:  # the compiled graph stacks the experts: AWQ traces its per-expert view
+            func, param_names = _score_function(model)
         groups = find_scaling_groups(func, param_names)
         qk_rows = attention_qk_rows(func, param_names)
         calibration = Calibration(model, quant.calibration, head_searched)
@@ -180,11 +205,13 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
                 part = quantize_weights(weights, targets, scheme, {})
             else:
                 stats = calibration.head(weights["norm.weight"]) if key == "head" else calibration.block(key, weights)
-                result = awq_block(weights, targets, [g for g in groups if g.producer in weights], qk_rows, stats,
+                view = unstack_experts(weights)
+                linears = [n for n in view if is_quantized_linear(n, tuple(view[n].shape), quant.quantize_head)]
+                result = awq_block(view, linears, [g for g in groups if g.producer in view], qk_rows, stats,
                                    scheme, progress=False, gptq=quant.method == "awq+gptq")
                 for phase, sec in result.seconds.items():
                     searched[phase] = searched.get(phase, 0.0) + sec
-                part = result.weights
+                part = _stacked(cfg, result.weights)
                 del stats, result
             del weights  # before the next block is read: one block alive at a time
             yield part

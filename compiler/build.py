@@ -80,18 +80,12 @@ def check_int8_activations(spec: TargetSpec, scheme: QuantScheme | None, dtype: 
     return isa
 
 
-def check_experts(cfg: ModelConfig, scheme: QuantScheme | None, method: str | None) -> None:
-    """A mixture of experts compiles in float or round-to-nearest W4A16: its experts' int4 kernel
-    takes float activations, and AWQ and GPTQ would need each expert's own calibration inputs."""
-    if not cfg.num_experts or scheme is None:
-        return
-    rtn = f"rtn-{dataclasses.replace(scheme, act_bits=16).name}"
-    if method not in (None, "rtn"):
-        raise QuantizationError(f"--quant {method}-{scheme.name}: AWQ and GPTQ of mixture-of-experts models "
-                                f"({cfg.model_type}) are not supported yet; use {rtn} (round to nearest)")
-    if scheme.act_bits == 8:
+def check_experts(cfg: ModelConfig, scheme: QuantScheme | None) -> None:
+    """A mixture of experts quantizes to W4A16 only: its experts' int4 kernel takes float activations."""
+    if cfg.num_experts and scheme is not None and scheme.act_bits == 8:
+        plain = dataclasses.replace(scheme, act_bits=16).name
         raise QuantizationError(f"{scheme.name} (int8 activations) is not supported for mixture-of-experts models "
-                                f"({cfg.model_type}) yet; use {rtn}")
+                                f"({cfg.model_type}) yet; use {plain}")
 
 
 def w4_backend(spec: TargetSpec, scheme: QuantScheme, shapes: Iterable[tuple[int, int]]) -> W4Backend:
@@ -213,7 +207,7 @@ def _build(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str, contex
         raise ValueError(f"dtype {dtype!r} is not supported; supported: {', '.join(SUPPORTED_DTYPES)}")
     check_output(out, force, [Path(model.source)])
     check_int8_activations(spec, scheme, dtype)
-    check_experts(model.config, scheme, method)
+    check_experts(model.config, scheme)
     # stacked experts are always k8, read by their own kernel (w4_expert_matmul)
     linears = [s for s in shapes.values() if len(s) == 2]
     backend = w4_backend(spec, scheme, linears) if scheme is not None else None

@@ -143,6 +143,7 @@ def _family(cfg: ModelConfig):
     config = AutoConfig.for_model(**hf)
     # sdpa is causal when no mask is given; it cannot soft-cap scores (Gemma 2), eager can, given masks
     config._attn_implementation = "sdpa" if cfg.attn_logit_softcapping is None else "eager"
+    config._experts_implementation = "eager"  # the MoE block run standalone, as its own module
     arch = hf["architectures"][0]
     prefix = arch.removesuffix("ForCausalLM")
     module = importlib.import_module(getattr(transformers, arch).__module__)
@@ -252,6 +253,40 @@ def _attention_mask(t: int, window: int | None, eager: bool, device: torch.devic
     return torch.zeros(t, t).masked_fill_(~visible, torch.finfo(torch.float32).min)[None, None].to(device)
 
 
+class _ExpertTaps:
+    """The inputs of every expert's gate/up and down in an MoE block, over the tokens routed to
+    it: the router's choice recomputed from the block's input as transformers' router makes it
+    (softmax in float32, top num_experts_per_tok), each expert's down input from its own gate/up.
+    An expert that no calibration token chose gets no statistics; AWQ then rounds it to nearest
+    and leaves its up → down group unscaled, while its gate/up columns still take the norm's
+    scale (the norm is shared, and the model's function must not change)."""
+
+    def __init__(self, cfg: ModelConfig, prefix: str, weights: Mapping[str, torch.Tensor], device: torch.device):
+        self.top_k = cfg.num_experts_per_tok
+        self.router = weights[prefix + "mlp.router.weight"].to(device)
+        self.gate_up = weights[prefix + "mlp.experts.gate_up_proj.weight"].to(device)
+        h, i = cfg.hidden_size, cfg.moe_intermediate_size
+        self.accs = [(_Accumulator((f"{prefix}mlp.experts.{e}.gate_up_proj.weight",), h, device),
+                      _Accumulator((f"{prefix}mlp.experts.{e}.down_proj.weight",), i, device))
+                     for e in range(cfg.num_experts)]
+
+    def add(self, x: torch.Tensor, first_sample: int) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(flat @ self.router.T, dim=-1, dtype=torch.float32)
+        chosen = probs.topk(self.top_k, dim=-1).indices
+        for e, (acc_gate_up, acc_down) in enumerate(self.accs):
+            rows = (chosen == e).any(-1).nonzero().squeeze(-1)
+            if len(rows) == 0:
+                continue
+            xe = flat.index_select(0, rows)
+            gate, up = (xe @ self.gate_up[e].T).chunk(2, dim=-1)
+            acc_gate_up.add(xe[None], None, first_sample)
+            acc_down.add((torch.nn.functional.silu(gate) * up)[None], None, first_sample)
+
+    def results(self) -> list[InputStats]:
+        return [a.result() for pair in self.accs for a in pair if a.n]
+
+
 class BlockCalibrator:
     """The calibration samples' hidden states, advanced through the model one decoder block at a
     time; each step returns the statistics of that block's linear inputs."""
@@ -263,9 +298,6 @@ class BlockCalibrator:
         if len({len(s) for s in samples}) != 1:
             raise CalibrationError("calibration samples must all have the same length")
         self.cfg = model.config
-        if self.cfg.num_experts:
-            raise CalibrationError(f"calibration of mixture-of-experts models ({self.cfg.model_type}) is not supported "
-                                   "yet (AWQ and GPTQ need each expert's inputs); quantize with rtn-w4g… instead")
         self._weight_map = family(model.config.model_type)
         self._hf, self._layer_cls, rotary_cls, self._norm_cls = _family(model.config)
         ids = np.asarray(samples, dtype=np.int64)
@@ -324,15 +356,20 @@ class BlockCalibrator:
         layer.load_state_dict(self._weight_map.hf_block_weights(self.cfg, weights, prefix), assign=True, strict=True)
         layer.eval().to(self.device)
         accs, hooks, current = [], [], {}
-        for module, weight in self._weight_map.HF_TAPS.items():
+        moe = i in self.cfg.moe_layers
+        experts = _ExpertTaps(self.cfg, prefix, weights, self.device) if moe else None
+        if experts is not None:  # the MoE block's input: each expert's tokens picked out of it
+            hooks.append(layer.get_submodule("mlp").register_forward_pre_hook(
+                lambda _m, args: experts.add(args[0], current["start"])))
+        taps = {m: w for m, w in self._weight_map.HF_TAPS.items() if not (moe and m.startswith("mlp."))}
+        for module, weight in taps.items():
             acc = _Accumulator((prefix + weight,), weights[prefix + weight].shape[1], self.device)
             accs.append(acc)
             hooks.append(layer.get_submodule(module).register_forward_pre_hook(
                 lambda _m, args, acc=acc: acc.add(args[0], current["rows"], current["start"])))
         probe, kept = None, self.probe_batches(probe_samples)
         if kept:
-            probe = BlockProbe(self.cfg, layer, prefix, {prefix + w: m.rsplit(".", 1)[0]
-                                                         for m, w in self._weight_map.HF_TAPS.items()})
+            probe = BlockProbe(self.cfg, layer, prefix, {prefix + w: m.rsplit(".", 1)[0] for m, w in taps.items()})
             for name in probe.calls:
                 hooks.append(layer.get_submodule(name).register_forward_hook(
                     lambda _m, args, kwargs, output, name=name: (
@@ -352,7 +389,7 @@ class BlockCalibrator:
             for h in hooks:
                 h.remove()
         self.seconds["forward"] += time.perf_counter() - t0
-        return [a.result() for a in accs], probe
+        return [a.result() for a in accs] + (experts.results() if experts else []), probe
 
     def head(self, norm_weight: torch.Tensor) -> list[InputStats]:
         """The statistics of the LM head's input: the final norm of the hidden states."""
@@ -435,6 +472,9 @@ class Calibration:
 
     def __init__(self, model: ImportedModel, settings: CalibrationSettings, head: bool = False):
         self.model, self.settings, self.head_tapped = model, settings, head
+        if model.config.num_experts and (settings.cache is not None or settings.probe_samples):
+            raise CalibrationError("--calib-stats and --awq-loss block are not supported for mixture-of-experts models "
+                                   f"({model.config.model_type}) yet; calibrate without them")
         samples = load_samples(model, settings.text, settings.n_samples, settings.seq_len)
         self.key = _cache_key(model, settings, samples, head)
         self._taps = _tapped(model.config, head)

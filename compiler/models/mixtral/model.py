@@ -8,8 +8,9 @@ from tvm.relax.frontend import nn
 from tvm.target import Target
 
 from awqc.compiler.config import ModelConfig
+from awqc.compiler.targets import get_target
 from awqc.compiler.models.llama.model import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, export
-from awqc.compiler.models.moe import MoE
+from awqc.compiler.models.moe import MoE, awq_view
 
 
 class MoEDecoderLayer(LlamaDecoderLayer):
@@ -25,3 +26,8 @@ def export_model(cfg: ModelConfig, dtype: str, target: Target,
                  separate_head: bool = False) -> tuple[Any, list[tuple[str, Any]]]:
     """The Relax IRModule of the model and its parameter list (name, nn.Parameter) in call order."""
     return export(MixtralForCausalLM(cfg, dtype, target, separate_head))
+
+
+def export_awq_view(cfg: ModelConfig) -> tuple[Any, list[tuple[str, Any]]]:
+    """The float32 host graph AWQ finds its groups in: one linear per expert (moe.awq_view)."""
+    return export(awq_view(MixtralForCausalLM)(cfg, "float32", get_target("host").target()))
