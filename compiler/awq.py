@@ -106,7 +106,7 @@ def quantized_shapes(cfg: ModelConfig, quantize_head: bool = False) -> dict[str,
     return {n: s for n, s in shapes.items() if is_quantized_linear(n, s, quantize_head)}  # type: ignore[misc]
 
 
-def _score_function(model: ImportedModel):
+def awq_graph(model: ImportedModel):
     """The graph AWQ finds its groups in: the model's, or for a mixture of experts its view with
     one linear per expert (compiler/models/moe.py)."""
     fam, cfg = family(model.config.model_type), model.config
@@ -162,7 +162,7 @@ def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationSt
     weights = awq_weights(model)
     names = check_group_sizes(weights, scheme, quantize_head)
     check_finite_weights(weights, list(weights))
-    func, param_names = _score_function(model)
+    func, param_names = awq_graph(model)
     groups = find_scaling_groups(func, param_names)
     result = awq_block(weights, names, groups, attention_qk_rows(func, param_names), stats, scheme, clip, progress,
                        duo_scaling, gptq)
@@ -190,7 +190,7 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
     searched: dict[str, float] = {}
     if quant.method in AWQ_METHODS:
         if cfg.num_experts:  # the compiled graph stacks the experts: AWQ traces its per-expert view
-            func, param_names = _score_function(model)
+            func, param_names = awq_graph(model)
         groups = find_scaling_groups(func, param_names)
         qk_rows = attention_qk_rows(func, param_names)
         calibration = Calibration(model, quant.calibration, head_searched)

@@ -435,11 +435,13 @@ def check_calib_device(device: str) -> None:
 
 
 def _tapped(cfg: ModelConfig, head: bool) -> list[tuple[str, int]]:
-    """Every tapped input (its first consumer weight) and its width, in model order."""
+    """Every tapped input (its first consumer weight) and its width, in model order (of an MoE
+    layer, the attention's: which experts get statistics depends on the calibration tokens)."""
     from .model_import import expected_shapes
 
     shapes, taps = expected_shapes(cfg), family(cfg.model_type).HF_TAPS.values()
-    out = [(f"layers.{i}.{w}", shapes[f"layers.{i}.{w}"][1]) for i in range(cfg.num_hidden_layers) for w in taps]
+    out = [(f"layers.{i}.{w}", shapes[f"layers.{i}.{w}"][1]) for i in range(cfg.num_hidden_layers) for w in taps
+           if not (i in cfg.moe_layers and w.startswith("mlp."))]
     return out + ([(HEAD, cfg.hidden_size)] if head else [])
 
 

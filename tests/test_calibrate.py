@@ -95,6 +95,50 @@ def test_gemma_statistics_match_transformers(model_type: str, overrides: dict, t
         torch.testing.assert_close(stats.of(name).gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type,kw", [
+    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("qwen3_moe", dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
+                       head_dim=16, mlp_only_layers=[1])),
+])
+def test_expert_statistics_match_transformers(model_type: str, kw: dict, tmp_path: Path) -> None:
+    """Each expert's gate/up input is the MoE block's input on the tokens transformers' router
+    sent to it, and its down input that expert's SiLU(gate) * up on them (transformers' own
+    routing and expert weights, hooked at its experts module); a dense layer's taps as usual."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=8, model_type=model_type, tie_word_embeddings=False, **kw)
+    stats = calibrate(load_model(str(ckpt)), SAMPLES, gram_tokens=None, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    acts: dict[str, list[torch.Tensor]] = {}
+
+    def routed(module, args, i):
+        x, index = args[0], args[1]
+        for e in range(module.gate_up_proj.shape[0]):
+            xe = x[(index == e).any(-1)]
+            gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+            p = f"layers.{i}.mlp.experts.{e}"
+            acts.setdefault(f"{p}.gate_up_proj.weight", []).append(xe)
+            acts.setdefault(f"{p}.down_proj.weight", []).append(module.act_fn(gate) * up)
+
+    moe = load_model(str(ckpt)).config.moe_layers
+    for i in moe:
+        hf.model.layers[i].mlp.experts.register_forward_pre_hook(lambda m, args, i=i: routed(m, args, i))
+    with torch.no_grad():
+        for sample in SAMPLES:
+            hf(torch.tensor([sample]))
+    for name, xs in acts.items():
+        x = torch.cat(xs)
+        if len(x) == 0:
+            assert name not in stats  # an expert no token chose has no statistics
+            continue
+        assert stats.of(name).n_tokens == len(x)
+        torch.testing.assert_close(stats.of(name).abs_mean, x.abs().mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.of(name).gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+    dense = [i for i in range(2) if i not in moe]
+    for i in dense:  # Qwen3-MoE's dense layer keeps its MLP taps
+        assert f"layers.{i}.mlp.gate_up_proj.weight" in stats and f"layers.{i}.mlp.down_proj.weight" in stats
+
+
 def test_gram_subsampling(tiny_ckpt: Path) -> None:
     """With gram_tokens, the Gram is exactly that of the rows the calibrator drew from each sample."""
     model = load_model(str(tiny_ckpt))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from awqc.compiler.awq import awq_quantize, quantize_model, rtn, torch_weights
+from awqc.compiler.awq import awq_graph, awq_quantize, awq_weights, quantize_model, rtn
 from awqc.compiler.build import write_artifact
 from awqc.compiler.calibrate import calibrate
 from awqc.compiler.evaluate import FloatEngine
 from awqc.compiler.model_import import load_model
-from awqc.compiler.models import family
+from awqc.compiler.models.moe import stack_experts
 from awqc.compiler.targets import get_target
 from awqc.passes.awq_scale import ScaleResult, apply_scales, find_scaling_groups
 from awqc.passes.quantizer import QuantScheme
@@ -34,11 +34,16 @@ FAMILIES = {
     # Gemma 3's blocks without q/k norms; soft-capped attention scores and logits
     "gemma2": dict(model_type="gemma2", head_dim=32, tie_word_embeddings=False, sliding_window=24,
                    attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+    # mixtures of experts: one norm feeds the router and every expert's gate/up; a dense layer (1)
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, head_dim=16, mlp_only_layers=[1], tie_word_embeddings=False),
 }
 # transformers' name of the norm before the MLP (Gemma's post_attention_layernorm normalizes the
 # attention output before its residual add: it feeds no linear)
 MLP_NORM = {"qwen3": "post_attention_layernorm", "phi3": "post_attention_layernorm",
-            "gemma3": "pre_feedforward_layernorm", "gemma2": "pre_feedforward_layernorm"}
+            "gemma3": "pre_feedforward_layernorm", "gemma2": "pre_feedforward_layernorm",
+            "mixtral": "post_attention_layernorm", "qwen3_moe": "post_attention_layernorm"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -52,14 +57,15 @@ def _name(model) -> str:
 
 
 def _groups(model):
-    mod, named = family(model.config.model_type).export_model(model.config, "float32", get_target("host").target())
-    return find_scaling_groups(mod["score"], [n for n, _ in named])
+    return find_scaling_groups(*awq_graph(model))
 
 
 def test_groups_are_the_architectures(model) -> None:
     """From the definitions in transformers (modeling_qwen3, modeling_phi3, modeling_gemma2/3): per
     layer, input_layernorm feeds q/k/v, the MLP's norm feeds gate/up, v feeds o_proj, up feeds
-    down_proj; the final norm feeds the untied head. q_norm/k_norm sit between q/k and RoPE and
+    down_proj; the final norm feeds the untied head. In an MoE layer (modeling_mixtral,
+    modeling_qwen3_moe) the MLP's norm feeds the router and every expert's gate/up, and each
+    expert's up feeds its own down. q_norm/k_norm sit between q/k and RoPE and
     Gemma's post-norms before residual adds, so they feed no linear and start no group. Gemma's
     norms scale by 1 + w: their groups fold with offset 1, the others with 0."""
     groups = _groups(model)
@@ -68,12 +74,19 @@ def test_groups_are_the_architectures(model) -> None:
     assert {g.producer: g.offset for g in groups if g.kind == "norm"} == {
         producer: 1.0 if gemma else 0.0 for producer, _ in found if "norm" in producer}
     expected = {("norm.weight", ("lm_head.weight",))}
-    for i in range(model.config.num_hidden_layers):
+    cfg = model.config
+    for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}"
         expected |= {(f"{p}.input_layernorm.weight", (f"{p}.self_attn.qkv_proj.weight",)),
-                     (f"{p}.{MLP_NORM[_name(model)]}.weight", (f"{p}.mlp.gate_up_proj.weight",)),
-                     (f"{p}.self_attn.qkv_proj.weight", (f"{p}.self_attn.o_proj.weight",)),
-                     (f"{p}.mlp.gate_up_proj.weight", (f"{p}.mlp.down_proj.weight",))}
+                     (f"{p}.self_attn.qkv_proj.weight", (f"{p}.self_attn.o_proj.weight",))}
+        norm = f"{p}.{MLP_NORM[_name(model)]}.weight"
+        if i in cfg.moe_layers:
+            experts = [f"{p}.mlp.experts.{e}" for e in range(cfg.num_experts)]
+            expected |= {(norm, (f"{p}.mlp.router.weight", *(f"{x}.gate_up_proj.weight" for x in experts)))}
+            expected |= {(f"{x}.gate_up_proj.weight", (f"{x}.down_proj.weight",)) for x in experts}
+        else:
+            expected |= {(norm, (f"{p}.mlp.gate_up_proj.weight",)),
+                         (f"{p}.mlp.gate_up_proj.weight", (f"{p}.mlp.down_proj.weight",))}
     assert found == expected
 
 
@@ -84,7 +97,7 @@ def test_scales_fold_without_changing_the_model(model) -> None:
     gen = torch.Generator().manual_seed(0)
     results = {i: ScaleResult(torch.rand(len(g.channels), generator=gen) * 4 + 0.25, 0.5, 0.0, 0.0)
                for i, g in enumerate(groups)}
-    scaled = apply_scales(torch_weights(model), groups, results)
+    scaled = stack_experts(model.config, apply_scales(awq_weights(model), groups, results))
     fe = FloatEngine(model, context_window=128)
     ids = list(np.random.RandomState(0).randint(3, 300, size=60))
     assert rel_err(fe.use(scaled).score(ids), fe.use(None).score(ids)) < 2e-5

@@ -1,6 +1,7 @@
 """Mixtures of experts (Mixtral, Qwen3-MoE): configs read as transformers reads them, a step reads
 only the chosen experts, the int4 expert kernel against numpy, the int4 artifact equals its
-fake-quant reference, and what is not supported yet is refused by name. (Float logits against
+fake-quant reference, AWQ's fallback for an expert no calibration token chose, and what is not
+supported yet is refused by name. (Float logits against
 transformers: test_model.py.)"""
 from __future__ import annotations
 
@@ -142,14 +143,50 @@ def test_int4_artifact_is_its_fake_quant(kw: dict, tmp_path: Path) -> None:
     assert list(int4.generate(ids, 6)) == list(ref.generate(ids, 6))
 
 
+def test_an_expert_no_token_chose_falls_back_to_round_to_nearest(tmp_path: Path) -> None:
+    """AWQ's documented fallback: an expert the calibration tokens never routed to has no
+    statistics, its up -> down group is not searched, its gate/up columns still take the norm's
+    scale (the function is unchanged) and it is rounded to nearest without clipping. The router
+    here sees one hidden channel (the MLP norm is 0 elsewhere) with weights (2, 1, -1, -2, 0):
+    whatever the channel's sign, two experts score above expert 4."""
+    from awqc.compiler.awq import awq_quantize
+    from awqc.compiler.calibrate import calibrate
+    from awqc.compiler.evaluate import FloatEngine
+
+    model = load_model(str(make_checkpoint(tmp_path / "ckpt", seed=4, **{**MIXTRAL, "num_local_experts": 5})))
+    weights = {k: np.array(v) for k, v in model.weights.items()}
+    for i in range(model.config.num_hidden_layers):
+        norm, router = weights[f"layers.{i}.post_attention_layernorm.weight"], weights[f"layers.{i}.mlp.router.weight"]
+        norm[1:], router[:] = 0.0, 0.0
+        router[:, 0] = [2.0, 1.0, -1.0, -2.0, 0.0]
+    model = dataclasses.replace(model, weights=weights)
+    rs = np.random.RandomState(0)
+    stats = calibrate(model, [list(rs.randint(3, 300, size=32)) for _ in range(4)], progress=False)
+    unused = [f"layers.{i}.mlp.experts.4.{w}.weight" for i in range(2) for w in ("gate_up_proj", "down_proj")]
+    assert not any(n in stats for n in unused)
+    assert all(f"layers.{i}.mlp.experts.{e}.gate_up_proj.weight" in stats for i in range(2) for e in range(4))
+    scheme = QuantScheme(group_size=32)
+    res = awq_quantize(model, scheme, stats, progress=False)
+    searched = {res.groups[g].producer for g in res.scales}
+    assert not any(".experts.4." in p for p in searched) and "layers.0.mlp.experts.0.gate_up_proj.weight" in searched
+    for i in range(2):
+        name = f"layers.{i}.mlp.experts.gate_up_proj.weight"
+        q, scale, zero = res.weights.quantized[name]
+        q4, scale4, zero4 = quantize(res.scaled[name][4], scheme)  # to nearest, unclipped
+        assert torch.equal(q[4], q4) and torch.equal(scale[4], scale4) and torch.equal(zero[4], zero4)
+    fe = FloatEngine(model, context_window=64)
+    ids = list(rs.randint(3, 300, size=24))
+    assert rel_err(fe.use(res.scaled).score(ids), fe.use(None).score(ids)) < 2e-5
+
+
 @pytest.fixture(scope="module")
 def mixtral_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("mixtral") / "ckpt", seed=2, **MIXTRAL)
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--quant", "awq-w4g32"], "AWQ and GPTQ of mixture-of-experts models (mixtral) are not supported yet; "
-                               "use rtn-w4g32"),
+    (["--quant", "awq-w4g32", "--calib-stats", "stats.safetensors"],
+     "--calib-stats and --awq-loss block are not supported for mixture-of-experts models (mixtral) yet"),
     (["--quant", "rtn-w4a8g32"], "w4a8g32 (int8 activations) is not supported for mixture-of-experts models"),
     (["--target", "cuda-sm80", "--dtype", "float16"], "mixture-of-experts models (mixtral) compile for CPU targets only"),
 ])
@@ -161,11 +198,13 @@ def test_what_experts_do_not_support_yet_is_refused(mixtral_ckpt: Path, args: li
     assert message in err and "Traceback" not in err and not out.exists()
 
 
-def test_rtn_compile_through_the_cli(mixtral_ckpt: Path, tmp_path: Path) -> None:
-    """`awqc compile --quant rtn-…` of a Mixtral writes int4 experts (k8) and runs."""
+@pytest.mark.parametrize("quant", ["rtn-w4g32", "awq+gptq-w4g32"])
+def test_compile_through_the_cli(mixtral_ckpt: Path, quant: str, tmp_path: Path) -> None:
+    """`awqc compile --quant …` of a Mixtral (AWQ + GPTQ calibrated on the default text) writes
+    int4 experts (k8) and a float router, and runs."""
     out = tmp_path / "art"
-    assert main(["compile", "--model", str(mixtral_ckpt), "--quant", "rtn-w4g32", "-o", str(out),
-                 "--context-window", "64"]) == 0
+    assert main(["compile", "--model", str(mixtral_ckpt), "--quant", quant, "-o", str(out), "--context-window", "64",
+                 "--calib-samples", "4", "--calib-seq-len", "32"]) == 0
     from safetensors.numpy import load_file
 
     weights = load_file(str(out / "weights.safetensors"))
