@@ -6,7 +6,7 @@ is measured in a minute instead of a 45-minute compile:
 """
 import resource, sys, time
 import torch
-from awqc.compiler.awq import _score_function, awq_block
+from awqc.compiler.awq import awq_graph, awq_block
 from awqc.compiler.calibrate import CalibrationStats, InputStats
 from awqc.compiler.model_import import load_model, weight_parts
 from awqc.passes.awq_scale import SecondMoment, attention_qk_rows, find_scaling_groups
@@ -14,7 +14,7 @@ from awqc.passes.quantizer import QuantScheme
 
 def rss_gib(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 model = load_model(sys.argv[1])
-func, names = _score_function(model)
+func, names = awq_graph(model)
 groups, qk = find_scaling_groups(func, names), attention_qk_rows(func, names)
 key, head_names = weight_parts(model.config)[-1]
 weights = {n: torch.from_numpy(model.weights[n]) for n in head_names}

@@ -278,7 +278,7 @@ class QualityRun:
         block, the calibration forward included in the time (it cannot come from a cache); the
         probe on the settings' probe_samples, or calibrate.DEFAULT_PROBE_SAMPLES when they say 0."""
         from ..passes.quantizer import QuantizedWeights
-        from .awq import _score_function, quantized_blocks
+        from .awq import awq_graph, quantized_blocks
         from .build import QuantConfig
         from .calibrate import DEFAULT_PROBE_SAMPLES
 
@@ -287,7 +287,7 @@ class QualityRun:
             calibration = dataclasses.replace(self.s.calibration, cache=None,
                                               probe_samples=self.s.calibration.probe_samples or DEFAULT_PROBE_SAMPLES)
             quant = QuantConfig(scheme, method, self.s.quantize_head, calibration)
-            func, names = _score_function(self.model)
+            func, names = awq_graph(self.model)
             t0 = time.perf_counter()
             quantized, floats = {}, {}
             for part in quantized_blocks(self.model, quant, func, names, progress=self.s.progress):

@@ -359,7 +359,7 @@ def test_block_loss_search_measures_the_attention_and_mlp_outputs(tiny_ckpt: Pat
     """With a calibration probe, a norm's scales are chosen on the attention (MLP) output: the
     loss the search reports for its choice is the error of transformers' own attention (MLP)
     output with the scaled, quantized, unscaled-back weights; linear → linear groups keep the Gram."""
-    from awqc.compiler.awq import _score_function, awq_block
+    from awqc.compiler.awq import awq_graph, awq_block
     from awqc.compiler.calibrate import BlockCalibrator, CalibrationStats
     from awqc.compiler.model_import import block_params
     from awqc.passes.awq_scale import _column_scales, effective_weight
@@ -372,7 +372,7 @@ def test_block_loss_search_measures_the_attention_and_mlp_outputs(tiny_ckpt: Pat
     weights = {n: torch.from_numpy(model.weights[n]) for n in block_params(model.config, 0)}
     inputs, probe = BlockCalibrator(model, samples, gram_tokens=None).block(0, weights, probe_samples=3)
     stats = CalibrationStats(inputs, 3, 48, {}, probe)
-    func, names = _score_function(model)
+    func, names = awq_graph(model)
     groups = [g for g in find_scaling_groups(func, names) if g.producer in weights]
     scheme = QuantScheme(group_size=32)
     res = awq_block(weights, [n for n in weights if weights[n].ndim == 2], groups, attention_qk_rows(func, names),

@@ -174,7 +174,7 @@ def test_awq_compile_matches_its_fake_quant_reference(tmp_path: Path, method: st
 def test_block_loss_compile_matches_its_fake_quant_reference(tmp_path: Path) -> None:
     """`--awq-loss block` searches other scales than the default loss, and its artifact equals the
     float model run on the same weights dequantized (searched again here, block by block)."""
-    from awqc.compiler.awq import _score_function, quantized_blocks
+    from awqc.compiler.awq import awq_graph, quantized_blocks
     from awqc.compiler.build import QuantConfig
     from awqc.compiler.calibrate import CalibrationSettings
 
@@ -186,7 +186,7 @@ def test_block_loss_compile_matches_its_fake_quant_reference(tmp_path: Path) -> 
                  "--awq-loss-samples", "3", "--calib-text", str(text), "--calib-samples", "3", "--calib-seq-len", "32",
                  "--context-window", "128", "-o", str(out)]) == 0
     model = load_model(str(ckpt))
-    func, names = _score_function(model)
+    func, names = awq_graph(model)
 
     def weights(probe_samples: int) -> dict[str, torch.Tensor]:
         quant = QuantConfig(QuantScheme(group_size=32), "awq", False, CalibrationSettings(text, 3, 32, probe_samples=probe_samples))
