@@ -205,9 +205,9 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
                 part = quantize_weights(weights, targets, scheme, {})
             else:
                 stats = calibration.head(weights["norm.weight"]) if key == "head" else calibration.block(key, weights)
-                view = unstack_experts(weights)
-                linears = [n for n in view if is_quantized_linear(n, tuple(view[n].shape), quant.quantize_head)]
-                result = awq_block(view, linears, [g for g in groups if g.producer in view], qk_rows, stats,
+                weights = unstack_experts(weights)  # AWQ's names (one linear per expert); the same tensors
+                linears = [n for n in weights if is_quantized_linear(n, tuple(weights[n].shape), quant.quantize_head)]
+                result = awq_block(weights, linears, [g for g in groups if g.producer in weights], qk_rows, stats,
                                    scheme, progress=False, gptq=quant.method == "awq+gptq")
                 for phase, sec in result.seconds.items():
                     searched[phase] = searched.get(phase, 0.0) + sec
