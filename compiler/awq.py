@@ -20,7 +20,7 @@ import torch
 from awqc.passes.awq_clip import search_clip
 from awqc.passes.gptq import gptq_quantize
 from awqc.passes.awq_scale import (ScaleResult, ScalingGroup, apply_scales, attention_qk_rows, check_finite_weights,
-                                   column_scales, find_scaling_groups, search_scales)
+                                   column_scales, find_scaling_groups, search_scales, unscaled_channels)
 from awqc.passes.quantizer import QuantizedWeights, QuantScheme, is_quantized_linear, quantize, rtn_quantize
 
 from .calibrate import CalibrationStats
@@ -164,6 +164,8 @@ def awq_quantize(model: ImportedModel, scheme: QuantScheme, stats: CalibrationSt
     check_finite_weights(weights, list(weights))
     func, param_names = awq_graph(model)
     groups = find_scaling_groups(func, param_names)
+    if progress:
+        _say_unscaled(func, param_names)
     result = awq_block(weights, names, groups, attention_qk_rows(func, param_names), stats, scheme, clip, progress,
                        duo_scaling, gptq)
     cfg = model.config
@@ -192,6 +194,8 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
         if cfg.num_experts:  # the compiled graph stacks the experts: AWQ traces its per-expert view
             func, param_names = awq_graph(model)
         groups = find_scaling_groups(func, param_names)
+        if progress:
+            _say_unscaled(func, param_names)
         qk_rows = attention_qk_rows(func, param_names)
         calibration = Calibration(model, quant.calibration, head_searched)
     try:
@@ -224,6 +228,11 @@ def quantized_blocks(model: ImportedModel, quant: Any, func: Any, param_names: l
         if calibration is not None:
             calibration.abandon()
         raise
+
+
+def _say_unscaled(func: Any, param_names: list[str]) -> None:
+    for line in unscaled_channels(func, param_names):
+        print(f"awq: {line}", file=sys.stderr)
 
 
 def _awq_times(calibration: Any, searched: dict[str, float]) -> str:

@@ -27,7 +27,7 @@ from awqc.runtime.sampling import generation_defaults
 from awqc.schedules.layouts import K8, DotLayout, Layout, choose_layout, get_layout
 
 from .calibrate import CalibrationSettings
-from .config import ModelConfig
+from .config import ModelConfig, for_context_window
 from .model_import import ImportedModel, weight_parts
 from .models import family
 from .output import OutputError, check_output, install, make_staging_dir, staging_path
@@ -164,6 +164,7 @@ def compile_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: s
     nothing is left at `out` if anything fails."""
     from .awq import quantized_blocks, quantized_shapes
 
+    model = dataclasses.replace(model, config=for_context_window(model.config, context_window))
     scheme = quant.scheme if quant else None
     shapes = quantized_shapes(model.config, quant.quantize_head) if quant else {}
     for name, shape in shapes.items():
@@ -188,6 +189,7 @@ def write_artifact(out: Path, model: ImportedModel, spec: TargetSpec, dtype: str
     e.g. 'rtn'), or float weights: for tests and small models."""
     if quant is None:
         return compile_artifact(out, model, spec, dtype, context_window, force=force, progress=False)
+    model = dataclasses.replace(model, config=for_context_window(model.config, context_window))
     shapes = {n: tuple(q.shape) for n, (q, _, _) in quant.quantized.items()}
     return _build(out, model, spec, dtype, context_window, force, quant.scheme, method, shapes,
                   lambda _func, _names: iter([(quant.quantized, quant.floats)]))

@@ -140,6 +140,8 @@ def _family(cfg: ModelConfig):
     from .autoawq import hf_config
 
     hf = hf_config(cfg)
+    if cfg.rope_scaling.get("long_context"):  # the artifact rotates by the long factors at every position
+        hf["rope_scaling"] = {**hf["rope_scaling"], "short_factor": hf["rope_scaling"]["long_factor"]}
     config = AutoConfig.for_model(**hf)
     # sdpa is causal when no mask is given; it cannot soft-cap scores (Gemma 2), eager can, given masks
     config._attn_implementation = "sdpa" if cfg.attn_logit_softcapping is None else "eager"

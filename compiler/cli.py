@@ -131,17 +131,14 @@ DEFAULT_MAX_CONTEXT = 4096
 
 
 def context_window(requested: int | None, cfg: ModelConfig) -> int:
-    """--context-window, or the model's own at most 4096; never more than the model was trained for
-    (the KV cache of a window the model cannot use only costs memory)."""
+    """--context-window, or the model's own at most 4096 (a LongRoPE model's original window); never
+    more than the model was trained for (the KV cache of a window the model cannot use only costs
+    memory)."""
     if requested is None:
         return min(cfg.max_context, DEFAULT_MAX_CONTEXT)
     if requested > cfg.max_position_embeddings:
         raise ValueError(f"--context-window {requested} is longer than the model's max_position_embeddings "
                          f"({cfg.max_position_embeddings}); use at most {cfg.max_position_embeddings}")
-    if requested > cfg.max_context:
-        raise ValueError(f"--context-window {requested} is past this LongRoPE model's original_max_position_embeddings "
-                         f"({cfg.max_context}), where transformers switches to the long RoPE factors, which awqc does "
-                         f"not apply yet; use at most {cfg.max_context}")
     return requested
 
 

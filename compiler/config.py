@@ -58,11 +58,12 @@ class ModelConfig:
     @property
     def max_context(self) -> int:
         """The longest sequence awqc computes as transformers does. A LongRoPE model rotates by its
-        short factors up to original_max_position_embeddings and by its long ones past it (for the
-        whole sequence, re-rotating nothing already cached); awqc applies the short ones, so its
-        context stops there."""
-        if self.rope_scaling.get("rope_type") == "longrope":
-            return min(self.max_position_embeddings, self.rope_scaling["original_max_position_embeddings"])
+        short factors up to original_max_position_embeddings and by its long ones past it; an
+        artifact picks one set when it is compiled (`for_context_window`), so this is the original
+        window unless the long factors were picked."""
+        r = self.rope_scaling
+        if r.get("rope_type") == "longrope" and not r.get("long_context"):
+            return min(self.max_position_embeddings, r["original_max_position_embeddings"])
         return self.max_position_embeddings
 
     @property
@@ -560,6 +561,18 @@ def config_from_hf(hf: Any) -> ModelConfig:
         final_logit_softcapping=_softcap(hf, "final_logit_softcapping") if gemma else None,
         **_experts(hf, model_type, layers, intermediate),
     )
+
+
+def for_context_window(cfg: ModelConfig, window: int) -> ModelConfig:
+    """The config an artifact of `window` tokens computes: a LongRoPE model compiled for a context
+    past original_max_position_embeddings rotates by its long factors at every position, as
+    llama.cpp chooses when it creates a context (transformers switches per forward pass once the
+    sequence passes the original window, re-rotating nothing it has cached); any other config as
+    it is."""
+    r = cfg.rope_scaling
+    if r.get("rope_type") != "longrope" or window <= r["original_max_position_embeddings"]:
+        return cfg
+    return dataclasses.replace(cfg, rope_scaling={**r, "long_context": True})
 
 
 def check_vocab(cfg: ModelConfig, n_tokens: int, source: str) -> None:

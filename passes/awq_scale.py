@@ -89,6 +89,7 @@ class Trace:
     consumers: dict[str, np.ndarray]  # weight -> producer channel of each input column (-1: none)
     dead: np.ndarray  # bool [C]: reaches something scaling cannot compensate
     qk: np.ndarray  # bool [C]: feeds attention queries or keys
+    killed_by: np.ndarray  # object [C]: for a dead channel, the first operation it reached that killed it
 
 
 def _feature_shape(shape: Sequence[int | None]) -> tuple[int, ...] | None:
@@ -134,6 +135,7 @@ class _Tracer:
         feat = _features(start)
         self.src: dict[relax.Var, object] = {start: np.arange(n_channels).reshape(feat)}
         self.dead = np.zeros(n_channels, bool)
+        self.killed_by = np.full(n_channels, "", dtype=object)
         self.qk = np.zeros(n_channels, bool)
         self.consumers: dict[str, np.ndarray] = {}
         self.start = start
@@ -147,13 +149,16 @@ class _Tracer:
                     self.src[b.var] = out
         for v in self.g.returned:
             if v in self.src:
-                self._kill(self.src[v])
-        return Trace(len(self.dead), self.consumers, self.dead, self.qk)
+                self._kill(self.src[v], "the function's output")
+        return Trace(len(self.dead), self.consumers, self.dead, self.qk, self.killed_by)
 
-    def _kill(self, src) -> None:
+    def _kill(self, src, why: str) -> None:
         for s in (src if isinstance(src, list) else [src]):
             s = np.asarray(s).ravel()
-            self.dead[s[s >= 0]] = True
+            s = s[s >= 0]
+            fresh = s[~self.dead[s]]
+            self.killed_by[fresh] = why
+            self.dead[s] = True
 
     def _live(self, v: relax.Expr) -> bool:
         s = self.src.get(v) if isinstance(v, relax.Var) else None
@@ -169,7 +174,7 @@ class _Tracer:
             return None
         if out is None:  # not a channel-wise linear op: every traced channel it reads is dead
             for v in tracked:
-                self._kill(self.src[v])
+                self._kill(self.src[v], name or type(value).__name__)
         return out
 
 
@@ -281,7 +286,7 @@ def _attention_fused_qkv(t: _Tracer, var: relax.Var, value: relax.Call):
         return None
     qk = src[:n_q + n_kv].ravel()
     t.qk[qk[qk >= 0]] = True
-    t._kill(src[:n_q + n_kv])
+    t._kill(src[:n_q + n_kv], "attention's softmax (queries and keys)")
     v = src[n_q + n_kv:]
     return v[np.arange(n_q) // (n_q // n_kv)]  # query head h reads value head h // g
 
@@ -405,6 +410,25 @@ def find_scaling_groups(func: relax.Function, param_names: Sequence[str]) -> lis
                 consumers.append(Consumer(weight, mapped))
         groups.append(ScalingGroup(p.weight, p.kind, p.extra, channels, consumers, p.offset))
     return groups
+
+
+def unscaled_channels(func: relax.Function, param_names: Sequence[str]) -> list[str]:
+    """One line per producer some of whose channels reach a linear but cannot be scaled, because
+    they also reach an operation scaling cannot compensate (a residual add, the output, a
+    nonlinearity): AWQ leaves those channels at s = 1, and says so rather than silently."""
+    graph = Graph(func, param_names)
+    lines = []
+    for p in find_producers(graph):
+        tr = trace(graph, p)
+        reached = np.zeros(p.n_channels, bool)
+        for cols in tr.consumers.values():
+            reached[cols[cols >= 0]] = True
+        lost = reached & tr.dead
+        if lost.any():
+            why = ", ".join(sorted({str(w) for w in tr.killed_by[lost]}))
+            lines.append(f"{p.weight}: {int(lost.sum())} of its {int(reached.sum())} channels that feed "
+                         f"{', '.join(tr.consumers)} also reach {why}, so AWQ leaves them unscaled")
+    return lines
 
 
 def attention_qk_rows(func: relax.Function, param_names: Sequence[str]) -> dict[str, np.ndarray]:

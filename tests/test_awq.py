@@ -19,7 +19,8 @@ from awqc.compiler.model_import import load_model
 from awqc.compiler.targets import get_target
 from awqc.passes.awq_clip import diagonal_blocks, group_errors, search_layer_clip
 from awqc.passes.awq_scale import (NonFiniteError, ScaleResult, apply_scales, attention_qk_rows, fake_quantize_,
-                                   SecondMoment, find_scaling_groups, group_loss, loss_rows, search_group)
+                                   SecondMoment, find_scaling_groups, group_loss, loss_rows, search_group,
+                                   unscaled_channels)
 from awqc.passes.quantizer import QuantScheme, fake_quantize
 
 from conftest import logit_error, make_checkpoint, rel_err, with_salient_channels
@@ -304,6 +305,39 @@ def test_groups_of_a_differently_built_model() -> None:
     by = {g.producer: g for g in groups}
     assert by["blocks.0.mixer.wv.weight"].extra == ("blocks.0.mixer.wv.bias",)
     assert len(by["blocks.0.mixer.wv.weight"].channels) == NKV * HD
+
+
+class _NormFeedsResidual(nn.Module):
+    """A block whose normalized output is also its residual (x = h + mlp(h), h = norm(x)): the
+    norm's channels reach the MLP and a residual add."""
+
+    def __init__(self):
+        self.tok = nn.Embedding(64, H)
+        self.norm = nn.RMSNorm(H, -1, 1e-5, bias=False)
+        self.ffn = _SwiGLU()
+        self.head = nn.Linear(H, 64, bias=False)
+
+    def score(self, input_ids: Tensor, kv: PagedKVCache):
+        h = self.norm(self.tok(input_ids))
+        return self.head(h + self.ffn(h)), kv
+
+
+def test_channels_that_cannot_be_scaled_are_named() -> None:
+    """AWQ refuses nothing silently: a norm whose output also feeds a residual add is reported
+    (producer, how many channels, what they reach) and gets no group; the families' graphs have
+    none (their norms feed only linears; q/k channels reach no linear)."""
+    mod, named = _NormFeedsResidual().export_tvm(spec={"score": {
+        "input_ids": spec.Tensor([1, "seq_len"], "int32"), "kv": spec.Object(object_type=PagedKVCache),
+        "$": {"param_mode": "packed", "effect_mode": "none"}}})
+    names = [n for n, _ in named]
+    assert unscaled_channels(mod["score"], names) == [
+        f"norm.weight: {H} of its {H} channels that feed ffn.w1.weight, ffn.w3.weight also reach relax.add, "
+        "so AWQ leaves them unscaled"]
+    assert "norm.weight" not in {g.producer for g in find_scaling_groups(mod["score"], names)}
+    odd, odd_named = _OddModel().export_tvm(spec={"score": {
+        "input_ids": spec.Tensor([1, "seq_len"], "int32"), "kv": spec.Object(object_type=PagedKVCache),
+        "$": {"param_mode": "packed", "effect_mode": "none"}}})
+    assert unscaled_channels(odd["score"], [n for n, _ in odd_named]) == []
 
 
 # ------------------------------------------------------------------------------------------ end to end

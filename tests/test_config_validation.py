@@ -396,13 +396,18 @@ def test_bad_longrope_is_refused(change: dict, message: str) -> None:
         config_from_hf(hf)
 
 
-def test_context_window_stops_before_the_long_factors() -> None:
+def test_a_context_past_the_original_window_picks_the_long_factors() -> None:
+    """The default window is LongRoPE's original one (short factors); a longer one is allowed and
+    compiles the long factors (for_context_window), up to max_position_embeddings."""
     from awqc.compiler.cli import context_window
+    from awqc.compiler.config import for_context_window
 
     cfg = config_from_hf(with_rope(hf_dict("phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2), **PHI3_LONGROPE))
-    assert context_window(None, cfg) == 64 and context_window(64, cfg) == 64
-    with pytest.raises(ValueError, match="original_max_position_embeddings .64.* use at most 64"):
-        context_window(65, cfg)
+    assert context_window(None, cfg) == 64 and context_window(65, cfg) == 65
+    assert for_context_window(cfg, 64) is cfg
+    long = for_context_window(cfg, 65)
+    assert long.rope_scaling == {**cfg.rope_scaling, "long_context": True}
+    assert long.max_context == cfg.max_position_embeddings
 
 
 # ------------------------------------------------------------------------------- Gemma 3

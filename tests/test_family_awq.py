@@ -17,7 +17,7 @@ from awqc.compiler.evaluate import FloatEngine
 from awqc.compiler.model_import import load_model
 from awqc.compiler.models.moe import stack_experts
 from awqc.compiler.targets import get_target
-from awqc.passes.awq_scale import ScaleResult, apply_scales, find_scaling_groups
+from awqc.passes.awq_scale import ScaleResult, apply_scales, find_scaling_groups, unscaled_channels
 from awqc.passes.quantizer import QuantScheme
 from awqc.runtime.engine import Engine
 
@@ -69,6 +69,7 @@ def test_groups_are_the_architectures(model) -> None:
     Gemma's post-norms before residual adds, so they feed no linear and start no group. Gemma's
     norms scale by 1 + w: their groups fold with offset 1, the others with 0."""
     groups = _groups(model)
+    assert unscaled_channels(*awq_graph(model)) == []  # no channel that feeds a linear is lost
     found = {(g.producer, tuple(c.weight for c in g.consumers)) for g in groups}
     gemma = model.config.model_type in ("gemma2", "gemma3_text")
     assert {g.producer: g.offset for g in groups if g.kind == "norm"} == {

@@ -79,6 +79,26 @@ def test_variant_matches_transformers(name: str, tmp_path: Path) -> None:
         assert rel_err(logits, ref_steps[step]) < 1e-4
 
 
+def test_longrope_past_the_original_window_uses_the_long_factors(tmp_path: Path) -> None:
+    """An artifact compiled for a context past original_max_position_embeddings (128 here) rotates
+    by LongRoPE's long factors at every position, as llama.cpp picks them: a 150-token prompt and
+    decode steps after it equal transformers', which uses the long factors once the sequence is
+    longer than the original window."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=12, **VARIANTS["phi3-partial-longrope"])
+    art = write_artifact(tmp_path / "art", load_model(str(ckpt)), get_target("host"), "float32", context_window=256)
+    ids = list(np.random.RandomState(3).randint(3, 300, size=150))
+    ref_prompt, ref_steps, ref_tokens = hf_logits(ckpt, ids, n_decode=4)
+    engine = Engine(art)
+    assert rel_err(engine.score(ids), ref_prompt) < 1e-4
+    engine.reset()
+    logits = engine.prefill(ids)
+    for step in range(4):
+        token = int(logits.argmax())
+        assert token == ref_tokens[step]
+        logits = engine.decode(token)
+        assert rel_err(logits, ref_steps[step]) < 1e-4
+
+
 def test_chunked_prefill_equals_one_chunk(tiny_artifact: Path) -> None:
     engine = Engine(tiny_artifact)
     ids = list(np.random.RandomState(2).randint(3, 300, size=100))

@@ -22,9 +22,11 @@ class GraphRopeAttention(LlamaAttention):
         b, s, _ = x.shape
         nq, nkv = c.num_attention_heads, c.num_key_value_heads
         q, k, v = op.split(op.reshape(self.qkv_proj(x), (b, s, nq + 2 * nkv, c.head_dim)), [nq, nq + nkv], axis=2)
-        # LongRoPE's short factors: awqc's context ends at original_max_position_embeddings
+        # LongRoPE: the short factors, or the long ones in an artifact whose context passes the
+        # original window (config.for_context_window)
         longrope = c.rope_scaling if c.rope_scaling.get("rope_type") == "longrope" else {}
-        inv_freq = inverse_frequencies(c.rotary_dim or c.head_dim, c.rope_theta, longrope.get("short_factor"))
+        factors = longrope.get("long_factor" if longrope.get("long_context") else "short_factor")
+        inv_freq = inverse_frequencies(c.rotary_dim or c.head_dim, c.rope_theta, factors)
         q, k = (rope(t, positions, inv_freq, longrope.get("attention_factor", 1.0)) for t in (q, k))
         o = kv.attention_with_fused_qkv(layer_id, op.concat([q, k, v], dim=2), nq, sm_scale=c.attention_scale)
         return self.o_proj(op.reshape(o, (b, s, nq * c.head_dim)))
