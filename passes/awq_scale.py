@@ -388,16 +388,22 @@ def trace(graph: Graph, producer: Producer) -> Trace:
     return _Tracer(graph, producer.output, producer.n_channels).run()
 
 
-def find_scaling_groups(func: relax.Function, param_names: Sequence[str]) -> list[ScalingGroup]:
-    """Every producer → consumers group whose channels can be rescaled without changing the
-    function's float output."""
+def _traced(func: relax.Function, param_names: Sequence[str]) -> Iterator[tuple[Producer, Trace, np.ndarray]]:
+    """Every producer, its trace, and which of its channels reach a consumer (bool [C])."""
     graph = Graph(func, param_names)
-    groups = []
     for p in find_producers(graph):
         tr = trace(graph, p)
         reached = np.zeros(p.n_channels, bool)
         for cols in tr.consumers.values():
             reached[cols[cols >= 0]] = True
+        yield p, tr, reached
+
+
+def find_scaling_groups(func: relax.Function, param_names: Sequence[str]) -> list[ScalingGroup]:
+    """Every producer → consumers group whose channels can be rescaled without changing the
+    function's float output."""
+    groups = []
+    for p, tr, reached in _traced(func, param_names):
         channels = np.flatnonzero(reached & ~tr.dead)
         if channels.size == 0:
             continue
@@ -416,13 +422,8 @@ def unscaled_channels(func: relax.Function, param_names: Sequence[str]) -> list[
     """One line per producer some of whose channels reach a linear but cannot be scaled, because
     they also reach an operation scaling cannot compensate (a residual add, the output, a
     nonlinearity): AWQ leaves those channels at s = 1, and says so rather than silently."""
-    graph = Graph(func, param_names)
     lines = []
-    for p in find_producers(graph):
-        tr = trace(graph, p)
-        reached = np.zeros(p.n_channels, bool)
-        for cols in tr.consumers.values():
-            reached[cols[cols >= 0]] = True
+    for p, tr, reached in _traced(func, param_names):
         lost = reached & tr.dead
         if lost.any():
             why = ", ".join(sorted({str(w) for w in tr.killed_by[lost]}))

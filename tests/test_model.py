@@ -60,23 +60,26 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_matches_transformers(name: str, tmp_path: Path) -> None:
-    ckpt = make_checkpoint(tmp_path / "ckpt", seed=hash(name) % 1000, **VARIANTS[name])
-    art = write_artifact(tmp_path / "art", load_model(str(ckpt)), get_target("host"), "float32", context_window=128)
-    ids = list(np.random.RandomState(1).randint(3, 300, size=40))
-    ref_prompt, ref_steps, ref_tokens = hf_logits(ckpt, ids, n_decode=4)
-
-    engine = Engine(art)
+def assert_matches_transformers(engine: Engine, ckpt: Path, ids: list[int], n_decode: int) -> None:
+    """The logits of every prompt position, the prompt's last after a prefill, and n_decode greedy
+    steps equal transformers' within 1e-4, with the same tokens."""
+    ref_prompt, ref_steps, ref_tokens = hf_logits(ckpt, ids, n_decode=n_decode)
     assert rel_err(engine.score(ids), ref_prompt) < 1e-4
     engine.reset()
     logits = engine.prefill(ids)
     assert rel_err(logits, ref_prompt[-1]) < 1e-4
-    for step in range(4):
+    for step in range(n_decode):
         token = int(logits.argmax())
         assert token == ref_tokens[step]
         logits = engine.decode(token)
         assert rel_err(logits, ref_steps[step]) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_matches_transformers(name: str, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=hash(name) % 1000, **VARIANTS[name])
+    art = write_artifact(tmp_path / "art", load_model(str(ckpt)), get_target("host"), "float32", context_window=128)
+    assert_matches_transformers(Engine(art), ckpt, list(np.random.RandomState(1).randint(3, 300, size=40)), 4)
 
 
 def test_longrope_past_the_original_window_uses_the_long_factors(tmp_path: Path) -> None:
@@ -86,17 +89,7 @@ def test_longrope_past_the_original_window_uses_the_long_factors(tmp_path: Path)
     longer than the original window."""
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=12, **VARIANTS["phi3-partial-longrope"])
     art = write_artifact(tmp_path / "art", load_model(str(ckpt)), get_target("host"), "float32", context_window=256)
-    ids = list(np.random.RandomState(3).randint(3, 300, size=150))
-    ref_prompt, ref_steps, ref_tokens = hf_logits(ckpt, ids, n_decode=4)
-    engine = Engine(art)
-    assert rel_err(engine.score(ids), ref_prompt) < 1e-4
-    engine.reset()
-    logits = engine.prefill(ids)
-    for step in range(4):
-        token = int(logits.argmax())
-        assert token == ref_tokens[step]
-        logits = engine.decode(token)
-        assert rel_err(logits, ref_steps[step]) < 1e-4
+    assert_matches_transformers(Engine(art), ckpt, list(np.random.RandomState(3).randint(3, 300, size=150)), 4)
 
 
 def test_chunked_prefill_equals_one_chunk(tiny_artifact: Path) -> None:
@@ -129,15 +122,6 @@ def test_sliding_window_attention_matches_transformers_past_its_window(
     assert main(["compile", "--model", str(ckpt), "--target", "host", "-o", str(out), "--context-window", "128"]) == 0
     engine = Engine(out)
     assert engine.prefill_chunk == SLIDING_WINDOW
-    ids = list(np.random.RandomState(2).randint(3, 300, size=3 * SLIDING_WINDOW + 7))
-    ref_prompt, ref_steps, ref_tokens = hf_logits(ckpt, ids, n_decode=30)
-    assert rel_err(engine.score(ids), ref_prompt) < 1e-4
-    engine.reset()
-    logits = engine.prefill(ids)
-    assert rel_err(logits, ref_prompt[-1]) < 1e-4
-    for step in range(30):
-        token = int(logits.argmax())
-        assert token == ref_tokens[step]
-        logits = engine.decode(token)
-        assert rel_err(logits, ref_steps[step]) < 1e-4
+    assert_matches_transformers(engine, ckpt, list(np.random.RandomState(2).randint(3, 300, size=3 * SLIDING_WINDOW + 7)),
+                                30)
 

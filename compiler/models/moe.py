@@ -125,10 +125,12 @@ class CheckpointNames:
             return [f"{experts}.{e}.{self.down}.weight" for e in range(cfg.num_experts)]
         return None
 
-    def names(self, cfg: ModelConfig) -> list[str]:
-        """Every MoE tensor name of the checkpoint."""
-        return [n for layer in cfg.moe_layers for w in moe_shapes(cfg, f"layers.{layer}")
-                for n in self.parts(cfg, w)]
+    def checkpoint_names(self, cfg: ModelConfig, dense: list[str]) -> list[str]:
+        """Every tensor name the checkpoint may hold: the dense family's names `dense` without the
+        MLP of the MoE layers, and the MoE layers' routers and experts."""
+        moe = tuple(f"layers.{n}.mlp." for n in cfg.moe_layers)
+        return [n for n in dense if not n.startswith(moe)] + [
+            n for layer in cfg.moe_layers for w in moe_shapes(cfg, f"layers.{layer}") for n in self.parts(cfg, w)]
 
 
 def hf_block_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str,

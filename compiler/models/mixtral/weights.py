@@ -29,8 +29,7 @@ def checkpoint_parts(cfg: ModelConfig, name: str) -> list[str]:
 
 def checkpoint_names(cfg: ModelConfig) -> list[str]:
     """Every tensor name a Mixtral checkpoint may hold, without the `model.` prefix."""
-    dense = [n for n in llama.checkpoint_names(cfg) if ".mlp." not in n]
-    return dense + NAMES.names(cfg)
+    return NAMES.checkpoint_names(cfg, llama.checkpoint_names(cfg))
 
 
 def hf_block_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -29,9 +29,7 @@ def checkpoint_parts(cfg: ModelConfig, name: str) -> list[str]:
 
 def checkpoint_names(cfg: ModelConfig) -> list[str]:
     """Every tensor name a Qwen3-MoE checkpoint may hold, without the `model.` prefix."""
-    moe = {f"layers.{n}.mlp." for n in cfg.moe_layers}
-    dense = [n for n in qwen3.checkpoint_names(cfg) if not any(n.startswith(p) for p in moe)]
-    return dense + NAMES.names(cfg)
+    return NAMES.checkpoint_names(cfg, qwen3.checkpoint_names(cfg))
 
 
 def hf_block_weights(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
