@@ -7,7 +7,7 @@ For each shape (one layer's experts, stacked, int4 g128 in layout k8) it times:
     expert), the chosen experts drawn at random per call, so over the calls the layer's experts
     come from DRAM as in a decode step. GB/s counts the weights a call must read (int4 values,
     scales, zeros of the chosen experts only); "% BW" is that over the read bandwidth probe of
-    bench/kernels.py, measured in the same process;
+    bench/int4_kernels.py, measured in the same process;
   * the dense int4 GEMV of one expert's gate/up shape in the layout and schedule `awqc compile`
     gives a dense linear, cold likewise, for reference;
   * prefill of 64 tokens (each token's experts drawn at random): GFLOP/s of the multiply-adds
@@ -93,7 +93,7 @@ def bench_shape(spec, name: str) -> dict:
 
 
 def worker(shapes: list[str]) -> dict:
-    from kernels import bandwidth_probe
+    from int4_kernels import bandwidth_probe
 
     from awqc.compiler.targets import get_target
     from awqc.schedules.tuning import machine_name

@@ -105,7 +105,7 @@ def w4_backend(spec: TargetSpec, scheme: QuantScheme, shapes: Iterable[tuple[int
         from awqc.schedules.w4a8_cpu import dot_scheduler
 
         # 512-bit dot products where the CPU has VNNI and every weight's rows fill 16 lanes: the
-        # prefill GEMM runs ~2x faster than in 256-bit vectors, the GEMV as fast (bench/kernels.py)
+        # prefill GEMM runs ~2x faster than in 256-bit vectors, the GEMV as fast (bench/int4_kernels.py)
         wide = DotLayout(16)
         layout = wide if isa == "vnni" and all(wide.supports(k, n, scheme.group_size) for n, k in shapes) \
             else DotLayout(8)

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.append(str(REPO / "bench"))  # last: bench/kernels.py must not shadow the `kernels` package
+sys.path.append(str(REPO / "bench"))
 
 import synthetic  # noqa: E402  (bench/synthetic.py: random checkpoints of real shapes)
 

@@ -1,6 +1,6 @@
 """Benchmark the int4 CPU kernels (schedules/w4_cpu.py) against this machine's read bandwidth.
 
-    python bench/kernels.py [--threads 1 2] [--target host] [--shapes smollm large] [--json out.json]
+    python bench/int4_kernels.py [--threads 1 2] [--target host] [--shapes smollm large] [--json out.json]
 
 For every shape it times, with the layout and knobs `awqc compile` would use for the target
 (its tuning record in schedules/records/, else the defaults):
