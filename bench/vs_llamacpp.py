@@ -1,7 +1,12 @@
 """awqc against llama.cpp's own `llama-bench`, same weights, same threads, interleaved.
 
-    python bench/vs_llamacpp.py                                   # the default model, rtn-w4g64
-    python bench/vs_llamacpp.py --model /tmp/llama2-7b --quant rtn-w4g128 --reps 3
+    python bench/vs_llamacpp.py                                   # the default model, rtn-w4a8g64
+    python bench/synthetic.py --shape llama2-7b -o /tmp/llama2-7b    # a random checkpoint of a real shape
+    python bench/vs_llamacpp.py --model /tmp/llama2-7b --pp 128 --tg 32
+
+The default --quant, rtn-w4a8g64, runs the kernels of the default CPU scheme (awq+gptq-w4a8g64):
+the weights' values do not change the kernels' speed, and round-to-nearest compiles a 7B in
+minutes where AWQ takes half an hour.
 
 llama.cpp's tools are built from the source in the llama-cpp-python sdist by
 scripts/build_llama_cpp.sh (cached under .cache/llama.cpp). Its Q4_0 GGUF holds every tensor in
@@ -27,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from llamacpp import float_gguf, llama_bin, quantize  # noqa: E402
+from llamacpp import float_gguf, linear_bits_per_weight, llama_bin, quantize  # noqa: E402
 
 
 def make_q4_0(model: str, workdir: Path, bin_dir: Path) -> Path:
@@ -42,6 +47,14 @@ def compile_awqc(model: str, quant: str, workdir: Path, context: int) -> Path:
         subprocess.run([sys.executable, "-m", "awqc.compiler.cli", "compile", "--model", model, "--quant", quant,
                         "--quantize-head", "--context-window", str(context), "-o", str(out)], check=True)
     return out
+
+
+def awqc_bits_per_weight(artifact: Path) -> float:
+    """Bits per weight of the artifact's int4 linears, as its layout stores them."""
+    from awqc.passes.quantizer import QuantScheme
+
+    scheme = json.loads((artifact / "manifest.json").read_text())["quantization"]["scheme"]
+    return QuantScheme.parse(scheme).bits_per_weight
 
 
 def llama_bench(bin_dir: Path, gguf: Path, threads: int, pp: int, tg: int) -> dict[str, float]:
@@ -73,7 +86,7 @@ def run_awqc(artifact: Path, threads: int, pp: int, tg: int) -> dict[str, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="default, a Hugging Face checkpoint directory")
-    ap.add_argument("--quant", nargs="+", default=["rtn-w4g64"])
+    ap.add_argument("--quant", nargs="+", default=["rtn-w4a8g64"])
     ap.add_argument("--artifact", nargs="+", type=Path, default=[],
                     help="awqc artifacts of the same model already compiled (instead of --quant)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -102,17 +115,21 @@ def main() -> None:
                 runs.setdefault((f"awqc {quant}", threads), []).append(run_awqc(art, threads, args.pp, args.tg))
             print(f"rep {rep + 1}/{args.reps}, {threads} thread(s) done", file=sys.stderr)
 
+    bits = {"llama.cpp Q4_0": linear_bits_per_weight(gguf)}
+    bits.update({f"awqc {quant}": awqc_bits_per_weight(art) for quant, art in artifacts.items()})
+
     def median(engine: str, threads: int, key: str) -> float:
         return statistics.median(r[key] for r in runs[(engine, threads)])
 
     print(f"\nmachine: {machine_name()}; model {args.model}; pp{args.pp} and tg{args.tg}, "
           f"median of {args.reps} interleaved runs; Q4_0 {gguf.stat().st_size / 2**30:.2f} GiB\n")
-    print("| engine | threads | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | bits/weight (linears) | threads | prefill tok/s | decode tok/s | prefill vs llama.cpp "
+          "| decode vs llama.cpp |")
+    print("|---|---|---|---|---|---|---|")
     for (engine, threads) in runs:
         pp, tg = median(engine, threads, "pp"), median(engine, threads, "tg")
         base_pp, base_tg = median("llama.cpp Q4_0", threads, "pp"), median("llama.cpp Q4_0", threads, "tg")
-        print(f"| {engine} | {threads} | {pp:.1f} | {tg:.1f} | {pp / base_pp:.2f}x | {tg / base_tg:.2f}x |")
+        print(f"| {engine} | {bits[engine]:.2f} | {threads} | {pp:.1f} | {tg:.1f} | {pp / base_pp:.2f}x | {tg / base_tg:.2f}x |")
 
 
 if __name__ == "__main__":

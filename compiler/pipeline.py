@@ -5,9 +5,11 @@ import functools
 
 import tvm
 from tvm import relax
+from tvm.s_tir.dlight import ApplyDefaultSchedule
 
 from awqc.passes.shape_order import CanonicalShapeFuncOrder
-from awqc.schedules.cpu import cpu_schedule_pass
+from awqc.schedules.cpu import cpu_schedule_rules
+from awqc.schedules.cpu_rowwise import cpu_rowwise_rules
 
 from .targets import TargetSpec
 
@@ -62,8 +64,9 @@ def _schedule_pass(spec: TargetSpec) -> tvm.transform.Pass:
         # PrimFunc (attention from the paged KV cache, norms, rotary, the float LM head) one.
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())
-    # CPU: hand schedules for the float linear layers (NT matmuls); the rest lowers as is.
-    return cpu_schedule_pass()
+    # CPU: the float linear layers (NT matmuls), then norms and elementwise kernels; the rest
+    # (TVM's KV-cache kernels, awqc's attention and int4 kernels) comes scheduled or lowers as is.
+    return ApplyDefaultSchedule(*cpu_schedule_rules(), *cpu_rowwise_rules())
 
 
 def w4_scheduler(spec: TargetSpec):

@@ -28,42 +28,50 @@ import math
 import tvm
 from tvm.script import tirx as T
 
+from awqc.schedules.vector_math import LOG2E, exp2
+
 RAGGED_PREFILL = "batch_prefill_ragged_kv"
 DECODE_PAGED = "batch_decode_paged_kv_cpu"
 PREFILL_PAGED = "batch_prefill_paged_kv_cpu"
 PREFILL_PAGED_WINDOW = "batch_prefill_paged_kv_cpu_sliding_window"
 DECODE_PAGED_WINDOW = "batch_decode_paged_kv_cpu_sliding_window"
 FUSED_ROPE = "fused_rope"
-_LOG2E = math.log2(math.e)
+_RED = 16  # lanes of the softmax's vector max and sum (one AVX-512 register)
 _MASKED = -5e4  # the value TVM's kernels give masked scores (exp2 of it is 0)
-# 2^f on [-1/2, 1/2]: Chebyshev interpolant of degree 5, relative error 2.4e-7 (~2 float32 ulps).
-_EXP2_POLY = (1.0000001192092896, 0.6931471824645996, 0.2402210682630539, 0.055503569543361664,
-              0.009676031768321991, 0.0013390863314270973)
 
 
-def _exp2(x):
-    """2^x for x <= 0 from vector-friendly operations. exp2f is a scalar libm call per element and
-    took ~70% of the kernel; this is 2^round(x) (built in the float's exponent bits) times a
-    polynomial in the remainder. x <= -127 gives 0."""
-    xc = T.max(x, T.float32(-127.0))
-    n = T.floor(xc + T.float32(0.5))
-    f = xc - n
-    poly = T.float32(_EXP2_POLY[-1])
-    for c in reversed(_EXP2_POLY[:-1]):
-        poly = poly * f + T.float32(c)
-    scale = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-    return poly * scale
+def _add(a, b):
+    return a + b
+
+
+@T.macro
+def _tree_reduce(red, s, n: int, op):
+    """red[0] = op over s[0 .. n) (n a multiple of _RED): _RED-wide vectors combined, then a
+    halving tree. A scalar loop over s is one dependency chain of n max or add latencies, which
+    took longer than the tile's FMAs."""
+    for j in T.vectorized(_RED):
+        red[j] = s[j]
+    for c in T.unroll(1, n // _RED):
+        for j in T.vectorized(_RED):
+            red[j] = op(red[j], s[c * _RED + j])
+    for j in T.vectorized(8):  # _RED = 16 halved to 1
+        red[j] = op(red[j], red[j + 8])
+    for j in T.vectorized(4):
+        red[j] = op(red[j], red[j + 4])
+    for j in T.vectorized(2):
+        red[j] = op(red[j], red[j + 2])
+    red[0] = op(red[0], red[1])
 
 
 def _logit(x, softcap: float | None):
     """An attention score (q · k times the model's scale) in the log2 domain the kernels' softmax
     runs in, soft-capped first to softcap * tanh(x / softcap) when softcap is set (Gemma 2). tanh
-    comes from _exp2 (tanh |y| = (1 - 2^(-2|y| log2 e)) / (1 + ...), sign restored), so it
+    comes from exp2 (tanh |y| = (1 - 2^(-2|y| log2 e)) / (1 + ...), sign restored), so it
     vectorizes as the softmax does instead of calling libm per score."""
     if softcap is None:
-        return x * T.float32(_LOG2E)
-    e = _exp2(T.abs(x) * T.float32(-2.0 * _LOG2E / softcap))
-    capped = (T.float32(1) - e) / (T.float32(1) + e) * T.float32(softcap * _LOG2E)
+        return x * T.float32(LOG2E)
+    e = exp2(T.abs(x) * T.float32(-2.0 * LOG2E / softcap))
+    capped = (T.float32(1) - e) / (T.float32(1) + e) * T.float32(softcap * LOG2E)
     return T.if_then_else(x < T.float32(0), -capped, capped)
 
 
@@ -114,12 +122,18 @@ def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", soft
                     m = T.sblock_alloc_buffer((rows,), "float32")
                     l_sum = T.sblock_alloc_buffer((rows,), "float32")
                     tmp = T.sblock_alloc_buffer((2,), "float32")
+                    red = T.sblock_alloc_buffer((_RED,), "float32")
                     q0: T.let[T.int32] = q_indptr[b]
                     qlen: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                     k0: T.let[T.int32] = kv_indptr[b]
                     kvl: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                     hk: T.let[T.int32] = task % h_kv
-                    p0: T.let[T.int32] = task // h_kv * qb
+                    # Blocks of queries in the order first, last, second, second-to-last, ...: a
+                    # causal block's work grows with its position, and the thread pool hands each
+                    # thread a contiguous range of tasks, so in order the last thread got most of it.
+                    idx: T.let[T.int32] = task // h_kv
+                    p0: T.let[T.int32] = T.if_then_else(
+                        idx % 2 == 0, idx // 2, (qlen + qb - 1) // qb - 1 - idx // 2) * qb
                     # Keys the block needs: up to the causal limit of its last query.
                     kend: T.let[T.int32] = T.if_then_else(
                         causal > 0, T.min(kvl, kvl - qlen + T.min(p0 + qb, qlen)), kvl)
@@ -146,18 +160,17 @@ def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", soft
                                 for j in T.vectorized(kt):
                                     s[j] = T.if_then_else(t * kt + j < lim, _logit(s[j] * sm_scale, softcap),
                                                           T.float32(_MASKED))
-                                tmp[0] = m[r]
-                                for j in T.serial(kt):
-                                    tmp[0] = T.max(tmp[0], s[j])
-                                tmp[1] = _exp2(m[r] - tmp[0])  # rescales what was accumulated so far
+                                _tree_reduce(red, s, kt, T.max)
+                                tmp[0] = T.max(m[r], red[0])
+                                tmp[1] = exp2(m[r] - tmp[0])  # rescales what was accumulated so far
                                 l_sum[r] = l_sum[r] * tmp[1]
                                 for i in T.vectorized(d):
                                     acc[r, i] = acc[r, i] * tmp[1]
                                 m[r] = tmp[0]
                                 for j in T.vectorized(kt):
-                                    s[j] = _exp2(s[j] - tmp[0])  # masked keys: 0
-                                for j in T.serial(kt):
-                                    l_sum[r] = l_sum[r] + s[j]
+                                    s[j] = exp2(s[j] - tmp[0])  # masked keys: 0
+                                _tree_reduce(red, s, kt, _add)
+                                l_sum[r] = l_sum[r] + red[0]
                                 for j in T.serial(T.min(kt, kend - t * kt)):
                                     for i in T.vectorized(d):
                                         acc[r, i] = acc[r, i] + s[j] * T.Cast("float32", v[k0 + t * kt + j, hk, i])
@@ -251,13 +264,13 @@ def decode_paged_cpu(h_kv: int, h_q: int, d: int, page_size: int, dtype: str = "
                         tmp[0] = m[r]
                         for j in T.serial(page_size):
                             tmp[0] = T.max(tmp[0], s[r, j])
-                        tmp[1] = _exp2(m[r] - tmp[0])  # rescales what was accumulated so far
+                        tmp[1] = exp2(m[r] - tmp[0])  # rescales what was accumulated so far
                         l_sum[r] = l_sum[r] * tmp[1]
                         for i in T.vectorized(d):
                             acc[r, i] = acc[r, i] * tmp[1]
                         m[r] = tmp[0]
                         for j in T.vectorized(page_size):
-                            s[r, j] = T.if_then_else(j < n_tok, _exp2(s[r, j] - tmp[0]), T.float32(0))
+                            s[r, j] = T.if_then_else(j < n_tok, exp2(s[r, j] - tmp[0]), T.float32(0))
                         for j in T.serial(page_size):
                             l_sum[r] = l_sum[r] + s[r, j]
                         for j in T.serial(n_tok):
@@ -319,13 +332,13 @@ def _paged_attend(g: int, d: int, page_size: int, dtype: str, softcap: float | N
                     tmp[0] = m[r]
                     for j in T.serial(page_size):
                         tmp[0] = T.max(tmp[0], s[r, j])
-                    tmp[1] = _exp2(m[r] - tmp[0])
+                    tmp[1] = exp2(m[r] - tmp[0])
                     l_sum[r] = l_sum[r] * tmp[1]
                     for i in T.vectorized(d):
                         acc[r, i] = acc[r, i] * tmp[1]
                     m[r] = tmp[0]
                     for j in T.vectorized(page_size):
-                        s[r, j] = T.if_then_else(s[r, j] > T.float32(_MASKED), _exp2(s[r, j] - tmp[0]), T.float32(0))
+                        s[r, j] = T.if_then_else(s[r, j] > T.float32(_MASKED), exp2(s[r, j] - tmp[0]), T.float32(0))
                     for j in T.serial(page_size):
                         l_sum[r] = l_sum[r] + s[r, j]
                     for j in T.serial(hi - lo):  # slots outside [lo, hi) may hold no value yet

@@ -183,7 +183,7 @@ def match_nt_matmul(sch: s_tir.Schedule) -> NTMatmulMatch | None:
     )
 
 
-def _f32_lanes(target: Target) -> int:
+def f32_lanes(target: Target) -> int:
     """float32 lanes of one SIMD register for the target's CPU features."""
     features = tvm.target.codegen.target_has_features
     try:
@@ -363,7 +363,7 @@ class NTMatmulGEMV(_NTMatmulRule):
     want_gemv = True
 
     def _schedule(self, sch: s_tir.Schedule, m: NTMatmulMatch, target: Target) -> None:
-        schedule_nt_gemv(sch, m, _f32_lanes(target))
+        schedule_nt_gemv(sch, m, f32_lanes(target))
 
 
 class NTMatmulGEMM(_NTMatmulRule):
@@ -372,7 +372,7 @@ class NTMatmulGEMM(_NTMatmulRule):
     want_gemv = False
 
     def _schedule(self, sch: s_tir.Schedule, m: NTMatmulMatch, target: Target) -> None:
-        schedule_nt_gemm(sch, m, _f32_lanes(target))
+        schedule_nt_gemm(sch, m, f32_lanes(target))
 
 
 def cpu_schedule_rules() -> list[ScheduleRule]:
