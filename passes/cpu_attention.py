@@ -45,15 +45,15 @@ def _add(a, b):
 
 
 @T.macro
-def _tree_reduce(red, s, n: int, op):
-    """red[0] = op over s[0 .. n) (n a multiple of _RED): _RED-wide vectors combined, then a
+def _tree_reduce(red, s, base, n: int, op):
+    """red[0] = op over s[base .. base + n) (n a multiple of _RED): _RED-wide vectors combined, then a
     halving tree. A scalar loop over s is one dependency chain of n max or add latencies, which
     took longer than the tile's FMAs."""
     for j in T.vectorized(_RED):
-        red[j] = s[j]
+        red[j] = s[base + j]
     for c in T.unroll(1, n // _RED):
         for j in T.vectorized(_RED):
-            red[j] = op(red[j], s[c * _RED + j])
+            red[j] = op(red[j], s[base + c * _RED + j])
     for j in T.vectorized(8):  # _RED = 16 halved to 1
         red[j] = op(red[j], red[j + 8])
     for j in T.vectorized(4):
@@ -117,7 +117,7 @@ def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", soft
                     T.reads()
                     T.writes()
                     kt_buf = T.sblock_alloc_buffer((d, kt), "float32")
-                    s = T.sblock_alloc_buffer((kt,), "float32")
+                    s = T.sblock_alloc_buffer((g * kt,), "float32")
                     acc = T.sblock_alloc_buffer((rows, d), "float32")
                     m = T.sblock_alloc_buffer((rows,), "float32")
                     l_sum = T.sblock_alloc_buffer((rows,), "float32")
@@ -147,33 +147,41 @@ def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", soft
                             for i in T.serial(d):
                                 kt_buf[i, j] = T.if_then_else(
                                     t * kt + j < kend, T.Cast("float32", k[k0 + t * kt + j, hk, i]), T.float32(0))
-                        for r in T.serial(rows):
-                            p: T.let[T.int32] = p0 + r // g
-                            h: T.let[T.int32] = hk * g + r % g
+                        for pl in T.serial(qb):
+                            # the g query heads of one position share each key and value load
+                            p: T.let[T.int32] = p0 + pl
                             lim: T.let[T.int32] = T.if_then_else(causal > 0, kvl - qlen + p + 1, kvl)
                             if p < qlen and t * kt < lim:
-                                for j in T.vectorized(kt):
-                                    s[j] = T.float32(0)
-                                for i in T.serial(d):
+                                for hg in T.unroll(g):
                                     for j in T.vectorized(kt):
-                                        s[j] = s[j] + T.Cast("float32", q[q0 + p, h, i]) * kt_buf[i, j]
-                                for j in T.vectorized(kt):
-                                    s[j] = T.if_then_else(t * kt + j < lim, _logit(s[j] * sm_scale, softcap),
-                                                          T.float32(_MASKED))
-                                _tree_reduce(red, s, kt, T.max)
-                                tmp[0] = T.max(m[r], red[0])
-                                tmp[1] = exp2(m[r] - tmp[0])  # rescales what was accumulated so far
-                                l_sum[r] = l_sum[r] * tmp[1]
-                                for i in T.vectorized(d):
-                                    acc[r, i] = acc[r, i] * tmp[1]
-                                m[r] = tmp[0]
-                                for j in T.vectorized(kt):
-                                    s[j] = exp2(s[j] - tmp[0])  # masked keys: 0
-                                _tree_reduce(red, s, kt, _add)
-                                l_sum[r] = l_sum[r] + red[0]
-                                for j in T.serial(T.min(kt, kend - t * kt)):
+                                        s[hg * kt + j] = T.float32(0)
+                                for i in T.serial(d):
+                                    for hg in T.unroll(g):
+                                        for j in T.vectorized(kt):
+                                            s[hg * kt + j] = s[hg * kt + j] + T.Cast(
+                                                "float32", q[q0 + p, hk * g + hg, i]) * kt_buf[i, j]
+                                for hg in T.serial(g):
+                                    r: T.let[T.int32] = pl * g + hg
+                                    for j in T.vectorized(kt):
+                                        s[hg * kt + j] = T.if_then_else(
+                                            t * kt + j < lim, _logit(s[hg * kt + j] * sm_scale, softcap),
+                                            T.float32(_MASKED))
+                                    _tree_reduce(red, s, hg * kt, kt, T.max)
+                                    tmp[0] = T.max(m[r], red[0])
+                                    tmp[1] = exp2(m[r] - tmp[0])  # rescales what was accumulated so far
+                                    l_sum[r] = l_sum[r] * tmp[1]
                                     for i in T.vectorized(d):
-                                        acc[r, i] = acc[r, i] + s[j] * T.Cast("float32", v[k0 + t * kt + j, hk, i])
+                                        acc[r, i] = acc[r, i] * tmp[1]
+                                    m[r] = tmp[0]
+                                    for j in T.vectorized(kt):
+                                        s[hg * kt + j] = exp2(s[hg * kt + j] - tmp[0])  # masked keys: 0
+                                    _tree_reduce(red, s, hg * kt, kt, _add)
+                                    l_sum[r] = l_sum[r] + red[0]
+                                for j in T.serial(T.min(kt, kend - t * kt)):
+                                    for hg in T.unroll(g):
+                                        for i in T.vectorized(d):
+                                            acc[pl * g + hg, i] = acc[pl * g + hg, i] + s[hg * kt + j] * T.Cast(
+                                                "float32", v[k0 + t * kt + j, hk, i])
                     for r in T.serial(rows):
                         if p0 + r // g < qlen:
                             for i in T.vectorized(d):
