@@ -107,26 +107,21 @@ class RowReduction(_RowRule):
         if len(blocks) < 2 or not blocks[-1].is_injective() or all(b.is_injective() for b in blocks):
             return False
         last_loops = sch.get_loops(blocks[-1].block_rv)
-        if len(last_loops) == 1:  # one static row, its unit axes normalized away: give it a row loop
-            sch.add_unit_loop(blocks[-1].block_rv)
-            last_loops = sch.get_loops(blocks[-1].block_rv)
-        n_rows = len(last_loops) - 1
-        if n_rows < 1:
-            return False
+        n_rows = len(last_loops) - 1  # 0: one static row, its unit axes normalized away
         for b in blocks[:-1]:  # every stage: the same rows, then at most one axis (spatial or reduced)
-            kinds = b.dom_kind()
+            kinds = b.dom_kind().lstrip("S") if n_rows == 0 else b.dom_kind()
             if len(kinds) not in (n_rows, n_rows + 1) or kinds[:n_rows] != "S" * n_rows:
                 return False
-        row = _rows(sch, last_loops, PARALLEL_MIN_ELEMENTS)
+        if n_rows:  # each row's stages under one row loop (one row: each stage stays its own loop)
+            row = _rows(sch, last_loops, PARALLEL_MIN_ELEMENTS)
+            for b in reversed(blocks[:-1]):
+                sch.compute_at(b.block_rv, row, preserve_unit_loops=True)
         _vectorize_inner(sch, sch.get_loops(blocks[-1].block_rv)[-1], lanes)
-        for b in reversed(blocks[:-1]):
-            sch.compute_at(b.block_rv, row, preserve_unit_loops=True)
         for b in blocks[:-1]:
-            if b.is_injective():
-                if len(sch.get_loops(b.block_rv)) > 1:
-                    _vectorize_inner(sch, sch.get_loops(b.block_rv)[-1], lanes)
-            else:
+            if not b.is_injective():
                 _vector_partial_sums(sch, b.block_rv, lanes)
+            elif len(sch.get_loops(b.block_rv)) > n_rows:
+                _vectorize_inner(sch, sch.get_loops(b.block_rv)[-1], lanes)
         return True
 
 
