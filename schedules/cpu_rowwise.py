@@ -50,11 +50,11 @@ def _vectorize_inner(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, lanes: in
     sch.vectorize(loop)
 
 
-def _rows(sch: s_tir.Schedule, loops: list, parallel_min: int) -> s_tir.schedule.LoopRV:
+def _rows(sch: s_tir.Schedule, loops: list) -> s_tir.schedule.LoopRV:
     """Fuse the row loops (all but the innermost) into one, parallel if there are enough elements."""
     row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
     rows, inner = _extent(sch, row), _extent(sch, loops[-1])
-    if rows is None or (inner is not None and rows > 1 and rows * inner >= parallel_min):
+    if rows is None or (inner is not None and rows > 1 and rows * inner >= PARALLEL_MIN_ELEMENTS):
         sch.parallel(row)
     return row
 
@@ -94,7 +94,7 @@ class Elementwise(_RowRule):
             if loops:
                 _vectorize_inner(sch, loops[0], lanes)
             return bool(loops)
-        _rows(sch, loops, PARALLEL_MIN_ELEMENTS)
+        _rows(sch, loops)
         _vectorize_inner(sch, sch.get_loops(blocks[0].block_rv)[-1], lanes)
         return True
 
@@ -113,7 +113,7 @@ class RowReduction(_RowRule):
             if len(kinds) not in (n_rows, n_rows + 1) or kinds[:n_rows] != "S" * n_rows:
                 return False
         if n_rows:  # each row's stages under one row loop (one row: each stage stays its own loop)
-            row = _rows(sch, last_loops, PARALLEL_MIN_ELEMENTS)
+            row = _rows(sch, last_loops)
             for b in reversed(blocks[:-1]):
                 sch.compute_at(b.block_rv, row, preserve_unit_loops=True)
         _vectorize_inner(sch, sch.get_loops(blocks[-1].block_rv)[-1], lanes)

@@ -2,6 +2,7 @@
 conversation; Ctrl-C stops a reply, not the program; driven for real through a pseudo-terminal."""
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -69,8 +70,12 @@ def test_session_without_a_chat_template_is_refused(tiny_artifact: Path, tmp_pat
 def test_chat_in_a_terminal(tiny_artifact: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
     expected = _fresh_reply(tiny_artifact, [{"role": "user", "content": "the quick brown"}], 6)
+    # Started as a shell starts it, with Ctrl-C's default action: a child inherits an ignored SIGINT
+    # (some test earlier in the same pytest process leaves it ignored), and Python then installs
+    # no KeyboardInterrupt handler, so the Ctrl-C below went unanswered.
     child = pexpect.spawn(sys.executable, ["-m", "awqc.compiler.cli", "chat", str(tiny_artifact), "--temperature", "0",
-                                           "--max-new-tokens", "6"], encoding="utf-8", timeout=60)
+                                           "--max-new-tokens", "6"], encoding="utf-8", timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect_exact("> ")
         child.sendline("the quick brown")
