@@ -50,11 +50,14 @@ def compile_awqc(model: str, quant: str, workdir: Path, context: int) -> Path:
 
 
 def awqc_bits_per_weight(artifact: Path) -> float:
-    """Bits per weight of the artifact's int4 linears, as its layout stores them."""
+    """Bits per weight of the artifact's linears: its int4 layout's, or its float dtype's."""
     from awqc.passes.quantizer import QuantScheme
+    from awqc.runtime.artifact import read_manifest
 
-    scheme = json.loads((artifact / "manifest.json").read_text())["quantization"]["scheme"]
-    return QuantScheme.parse(scheme).bits_per_weight
+    manifest = read_manifest(artifact)
+    if not manifest["quantization"]:
+        return {"float32": 32.0, "float16": 16.0, "bfloat16": 16.0}[manifest["dtype"]]
+    return QuantScheme.parse(manifest["quantization"]["scheme"]).bits_per_weight
 
 
 def llama_bench(bin_dir: Path, gguf: Path, threads: int, pp: int, tg: int) -> dict[str, float]:

@@ -28,7 +28,7 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-from awqc.schedules.vector_math import LOG2E, exp2
+from awqc.schedules.vector_math import LOG2E, exp2, tanh
 
 RAGGED_PREFILL = "batch_prefill_ragged_kv"
 DECODE_PAGED = "batch_decode_paged_kv_cpu"
@@ -65,14 +65,11 @@ def _tree_reduce(red, s, base, n: int, op):
 
 def _logit(x, softcap: float | None):
     """An attention score (q · k times the model's scale) in the log2 domain the kernels' softmax
-    runs in, soft-capped first to softcap * tanh(x / softcap) when softcap is set (Gemma 2). tanh
-    comes from exp2 (tanh |y| = (1 - 2^(-2|y| log2 e)) / (1 + ...), sign restored), so it
-    vectorizes as the softmax does instead of calling libm per score."""
+    runs in, soft-capped first to softcap * tanh(x / softcap) when softcap is set (Gemma 2), with
+    vector_math's tanh, which vectorizes as the softmax does instead of calling libm per score."""
     if softcap is None:
         return x * T.float32(LOG2E)
-    e = exp2(T.abs(x) * T.float32(-2.0 * LOG2E / softcap))
-    capped = (T.float32(1) - e) / (T.float32(1) + e) * T.float32(softcap * LOG2E)
-    return T.if_then_else(x < T.float32(0), -capped, capped)
+    return tanh(x * T.float32(1.0 / softcap)) * T.float32(softcap * LOG2E)
 
 
 def prefill_ragged_cpu(h_kv: int, h_q: int, d: int, dtype: str = "float32", softcap: float | None = None,

@@ -90,11 +90,10 @@ class Elementwise(_RowRule):
         if len(blocks) != 1 or not blocks[0].is_injective():
             return False
         loops = sch.get_loops(blocks[0].block_rv)
-        if len(loops) < 2:
-            if loops:
-                _vectorize_inner(sch, loops[0], lanes)
-            return bool(loops)
-        _rows(sch, loops)
+        if not loops:
+            return False
+        if len(loops) > 1:
+            _rows(sch, loops)
         _vectorize_inner(sch, sch.get_loops(blocks[0].block_rv)[-1], lanes)
         return True
 
